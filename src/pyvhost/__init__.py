@@ -1,0 +1,26 @@
+"""pyvhost: vhost and vhost-user for Python."""
+
+from pyvhost.errors import (
+    ConnectionClosedError,
+    GuestMemoryError,
+    InflightError,
+    ProtocolError,
+    ReplyError,
+    UnsupportedRequestError,
+    VhostError,
+    VirtqueueError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConnectionClosedError",
+    "GuestMemoryError",
+    "InflightError",
+    "ProtocolError",
+    "ReplyError",
+    "UnsupportedRequestError",
+    "VhostError",
+    "VirtqueueError",
+    "__version__",
+]

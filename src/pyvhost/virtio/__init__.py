@@ -1,0 +1,1 @@
+"""virtio rings and guest memory; knows nothing of vhost."""
