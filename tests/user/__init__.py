@@ -1,0 +1,1 @@
+"""Tests of the vhost-user codec, transport, front-end and back-end."""
