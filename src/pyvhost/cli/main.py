@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 #: Tool modules, in ``--help`` order. Later tools (serve, exercise, demo) are added here.
 TOOL_MODULES: tuple[str, ...] = (
-    # "pyvhost.cli.serve",
+    "pyvhost.cli.serve",
     "pyvhost.cli.probe",
     "pyvhost.cli.trace",
-    # "pyvhost.cli.exercise",
-    # "pyvhost.cli.demo",
+    "pyvhost.cli.exercise",
+    "pyvhost.cli.demo",
 )
 
 RunFunc = Callable[[argparse.Namespace], int]

@@ -1,0 +1,793 @@
+"""The split virtqueue (virtio 1.x section 2.7), device side and driver side.
+
+Layout (little-endian): descriptor table ``16 * size`` bytes (align 16); available ring
+``flags, idx, ring[size], used_event`` u16s (align 2); used ring ``flags, idx``, ``size``
+elements of ``(u32 id, u32 len)``, ``avail_event`` (align 4). Indices are free-running u16.
+
+Memory ordering follows :mod:`pyvhost.virtio.barrier`. Ring indices are loaded and stored
+through native ``memoryview.cast("H")`` items (single 16-bit accesses), so the host must be
+little-endian (checked).
+
+Hostile drivers: every descriptor is validated, every chain bounded, and a violation raises
+:class:`~pyvhost.errors.VirtqueueError` and marks the queue broken (further pops raise again).
+
+Zero-length descriptors: the spec's driver requirements for the descriptor table (2.7.5.1) only
+forbid chains longer than 2^32 bytes in total and loops; nothing forbids a zero-length data
+descriptor, and Linux's vhost accepts them (QEMU rejects them). We accept them and they add no
+view. A zero-length *indirect table* is rejected: section 2.7.5.3 sizes the table as
+``len / 16`` descriptors and requires a valid first descriptor, so 0 describes no chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+from array import array
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import chain as chain_items
+
+from pyvhost.errors import GuestMemoryError, VirtqueueError
+from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
+from pyvhost.virtio.chain import DescriptorChain
+from pyvhost.virtio.memory import GuestMemory
+from pyvhost.virtio.queue import SplitInflightHooks
+
+__all__ = [
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_DESC_F_INDIRECT",
+    "VRING_DESC_F_NEXT",
+    "VRING_DESC_F_WRITE",
+    "VRING_USED_F_NO_NOTIFY",
+    "SplitDriver",
+    "SplitQueue",
+    "split_layout",
+    "vring_need_event",
+]
+
+log = logging.getLogger(__name__)
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+_U32_LIMIT = 1 << 32
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+    raise ImportError("pyvhost.virtio.split needs a little-endian host (native ring index access)")
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """The EVENT_IDX rule: notify iff ``event_idx`` lies in ``[old_idx, new_idx)`` (mod 2^16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def split_layout(size: int, base_gpa: int, *, used_align: int = 4) -> tuple[int, int, int, int]:
+    """Place a split ring at ``base_gpa``: ``(desc_gpa, avail_gpa, used_gpa, total_bytes)``.
+
+    Uses the spec's minimum alignments (16 / 2 / 4); pass ``used_align=4096`` for the legacy layout.
+    """
+    _check_size(size)
+    if base_gpa % 16:
+        raise ValueError(f"descriptor table at {base_gpa:#x} must be 16-byte aligned")
+    desc = base_gpa
+    avail = desc + DESC_SIZE * size
+    avail_end = avail + 6 + 2 * size
+    used = (avail_end + used_align - 1) // used_align * used_align
+    end = used + 6 + 8 * size
+    return desc, avail, used, end - base_gpa
+
+
+def _check_size(size: int) -> None:
+    if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+        raise ValueError(f"queue size {size} must be a power of 2 between 1 and {MAX_QUEUE_SIZE}")
+
+
+def _ring_view(mem: GuestMemory, what: str, gpa: int, length: int, align: int) -> memoryview:
+    if gpa % align:
+        raise ValueError(f"{what} at {gpa:#x} is not {align}-byte aligned")
+    try:
+        return mem.view(gpa, length)
+    except GuestMemoryError as exc:
+        raise GuestMemoryError(
+            f"{what} ({length:#x} bytes at {gpa:#x}) must lie within one memory region: {exc}",
+            address=gpa,
+            length=length,
+        ) from exc
+
+
+class SplitQueue:
+    """Device side of a split virtqueue: pop chains the driver made available, push them back.
+
+    The ring views are taken once at construction; after the memory table changes (SET_MEM_TABLE,
+    REM_MEM_REG) build a new queue with ``last_avail_idx=old.get_base()``. ``used_idx`` defaults
+    to the value found in the used ring, as a back-end resuming a queue does.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = True,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+        queue_index: int = 0,
+        log_used: bool = False,
+        used_log_gpa: int | None = None,
+        inflight: SplitInflightHooks | None = None,
+        max_chain_len: int | None = None,
+    ) -> None:
+        _check_size(size)
+        self.size = size
+        self.queue_index = queue_index
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mem = mem
+        self._mask = size - 1
+        self._max_chain = size if max_chain_len is None else min(size, max_chain_len)
+        if self._max_chain < 1:
+            raise ValueError(f"max_chain_len {max_chain_len} must be at least 1")
+        self._desc = _ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
+        self._avail = _ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
+        used = _ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
+        self._used = used.cast("H")
+        self._used_ring = used[4 : 4 + 8 * size]
+        self._used_ring32 = self._used_ring.cast("I")
+        self._used_event_index = 2 + size
+        self._avail_event_index = 2 + 4 * size
+        self._last_avail = last_avail_idx & 0xFFFF
+        self._shadow_avail = self._last_avail
+        self._used_idx = self._used[1] if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used = self._used_idx
+        self._signalled_valid = False
+        self._notify_enabled = True
+        self._log_used = log_used
+        self._used_log_gpa = used_gpa if used_log_gpa is None else used_log_gpa
+        self._inflight = inflight
+        self._broken: str | None = None
+
+    def close(self) -> None:
+        """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
+        self._broken = self._broken or "queue closed"
+        for view in (self._avail, self._used, self._used_ring32, self._used_ring, self._desc):
+            view.release()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Free-running index of the next available-ring entry to pop."""
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        """Free-running used index the device has published."""
+        return self._used_idx
+
+    @property
+    def broken(self) -> str | None:
+        """Why the queue stopped (the driver broke the rules), or None."""
+        return self._broken
+
+    def get_base(self) -> int:
+        """GET_VRING_BASE: the next available index the device would process."""
+        return self._last_avail
+
+    def _fail(self, reason: str) -> VirtqueueError:
+        self._broken = reason
+        return VirtqueueError(reason, queue=self.queue_index)
+
+    def _check_broken(self) -> None:
+        if self._broken is not None:
+            raise VirtqueueError(f"queue is broken: {self._broken}", queue=self.queue_index)
+
+    def _avail_entries(self) -> int:
+        """Load avail.idx, validate it, and return how many entries are ready to pop."""
+        avail_idx = self._avail[1]
+        pending = (avail_idx - self._last_avail) & 0xFFFF
+        if pending > self.size:
+            raise self._fail(
+                f"avail.idx {avail_idx} is {pending} entries ahead of last_avail_idx "
+                f"{self._last_avail} (queue size {self.size})"
+            )
+        self._shadow_avail = avail_idx
+        if RW_BARRIERS_NEEDED and pending:
+            read_barrier()
+        return pending
+
+    def has_available(self) -> bool:
+        """Whether the driver has made a chain available that was not popped yet."""
+        self._check_broken()
+        return self._shadow_avail != self._last_avail or self._avail_entries() > 0
+
+    # -- pop ------------------------------------------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None."""
+        self._check_broken()
+        last = self._last_avail
+        if last == self._shadow_avail and self._avail_entries() == 0:
+            return None
+        head = self._avail[2 + (last & self._mask)]
+        chain = self._parse(head, self._mem.fast_table())
+        self._last_avail = last = (last + 1) & 0xFFFF
+        if self.event_idx and self._notify_enabled:
+            self._set_avail_event(last)
+        if self._inflight is not None:
+            self._inflight.on_pop(head)
+        return chain
+
+    def pop_batch(self, max_n: int) -> list[DescriptorChain]:
+        """Up to ``max_n`` available chains.
+
+        The hot path: heads are read with one slice of the available ring, and chains of one
+        direct descriptor inside one region are built inline; anything else goes to ``_parse``.
+        """
+        self._check_broken()
+        last = self._last_avail
+        ready = (self._shadow_avail - last) & 0xFFFF
+        if ready < max_n:
+            ready = self._avail_entries()
+        n = ready if ready < max_n else max_n
+        if n <= 0:
+            return []
+        avail = self._avail
+        start = 2 + (last & self._mask)
+        end = start + n
+        limit = 2 + self.size
+        if end <= limit:
+            heads = avail[start:end].tolist()
+        else:
+            heads = avail[start:limit].tolist() + avail[2 : end - limit + 2].tolist()
+        table = self._mem.fast_table()
+        out: list[DescriptorChain] = []
+        try:
+            if len(table[0]) == 1:
+                self._pop_single_region(heads, table, out)
+            else:
+                parse = self._parse
+                out.extend(parse(head, table) for head in heads)
+        finally:
+            last = (last + len(out)) & 0xFFFF
+            self._last_avail = last
+            inflight = self._inflight
+            if inflight is not None:
+                for head in heads[: len(out)]:
+                    inflight.on_pop(head)
+        if self.event_idx and self._notify_enabled:
+            self._set_avail_event(last)
+        return out
+
+    def _pop_single_region(
+        self,
+        heads: list[int],
+        table: tuple[list[int], list[int], list[memoryview]],
+        out: list[DescriptorChain],
+    ) -> None:
+        """Append the chains of ``heads`` to ``out``, one-region memory (the common case)."""
+        base = table[0][0]
+        extent = table[1][0]
+        view = table[2][0]
+        size = self.size
+        desc = self._desc
+        unpack = _DESC.unpack_from
+        parse = self._parse
+        chain_cls = DescriptorChain
+        append = out.append
+        for head in heads:
+            if head < size:
+                addr, length, flags, _ = unpack(desc, head << 4)
+                off = addr - base
+                # One direct descriptor (no NEXT, no INDIRECT) inside the region.
+                if not flags & 5 and length and off >= 0 and off + length <= extent:
+                    if flags & VRING_DESC_F_WRITE:
+                        append(
+                            chain_cls(
+                                head, [], [view[off : off + length]], 0, length, [(addr, length)], 1
+                            )
+                        )
+                    else:
+                        append(chain_cls(head, [view[off : off + length]], [], length, 0, [], 1))
+                    continue
+            append(parse(head, table))
+
+    def _parse(
+        self, head: int, table: tuple[list[int], list[int], list[memoryview]]
+    ) -> DescriptorChain:
+        """Walk and validate the chain starting at descriptor ``head``."""
+        size = self.size
+        if head >= size:
+            raise self._fail(f"available ring entry: head descriptor {head} >= queue size {size}")
+        starts, sizes, views = table
+        desc: memoryview | bytes = self._desc
+        unpack = _DESC.unpack_from
+        addr, length, flags, nxt = unpack(desc, head << 4)
+        # Fast path: one direct descriptor, the usual shape of small requests.
+        if not flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT):
+            r = bisect_right(starts, addr) - 1
+            if r >= 0:
+                off = addr - starts[r]
+                if off + length <= sizes[r] and length:
+                    piece = views[r][off : off + length]
+                    if flags & VRING_DESC_F_WRITE:
+                        return DescriptorChain(head, [], [piece], 0, length, [(addr, length)], 1)
+                    return DescriptorChain(head, [piece], [], length, 0, [], 1)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        writable_gpas: list[tuple[int, int]] = []
+        read_len = write_len = 0
+        table_len = size
+        max_chain = self._max_chain
+        where = "descriptor"
+        index = head
+        count = 0  # descriptors walked in the current table (ring or indirect)
+        ring_count = 0
+        in_indirect = False
+        seen_write = False
+        while True:
+            count += 1
+            if count > table_len:
+                raise self._fail(
+                    f"chain at head {head} loops (more than {table_len} descriptors in the "
+                    f"{'indirect table' if in_indirect else 'descriptor table'})"
+                )
+            if count > max_chain:
+                raise self._fail(
+                    f"chain at head {head} is longer than the limit of {max_chain} descriptors"
+                )
+            if not in_indirect:
+                ring_count += 1
+            if flags & VRING_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): INDIRECT inside an indirect table"
+                    )
+                if not self.indirect:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): INDIRECT flag but "
+                        "VIRTIO_F_INDIRECT_DESC was not negotiated"
+                    )
+                if flags & VRING_DESC_F_NEXT:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): INDIRECT together with NEXT"
+                    )
+                if length == 0 or length % DESC_SIZE:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): indirect table length {length} "
+                        "is not a positive multiple of 16"
+                    )
+                entries = length // DESC_SIZE
+                if entries > size:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): indirect table has {entries} "
+                        f"descriptors, more than queue size {size}"
+                    )
+                try:
+                    pieces = self._mem.translate(addr, length)
+                except GuestMemoryError as exc:
+                    raise self._fail(
+                        f"{where} {index} (chain head {head}): indirect table: {exc}"
+                    ) from exc
+                desc = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                in_indirect = True
+                where = "indirect descriptor"
+                table_len = entries
+                count = 0
+                index = 0
+                addr, length, flags, nxt = unpack(desc, 0)
+                continue
+            if length:
+                r = bisect_right(starts, addr) - 1
+                off = addr - starts[r] if r >= 0 else -1
+                if r >= 0 and off + length <= sizes[r]:
+                    pieces = [views[r][off : off + length]]
+                else:
+                    try:
+                        pieces = self._mem.translate(addr, length)
+                    except GuestMemoryError as exc:
+                        raise self._fail(
+                            f"{where} {index} (chain head {head}): buffer {addr:#x}+{length:#x}: "
+                            f"{exc}"
+                        ) from exc
+                if flags & VRING_DESC_F_WRITE:
+                    seen_write = True
+                    writable.extend(pieces)
+                    writable_gpas.append((addr, length))
+                    write_len += length
+                else:
+                    if seen_write:
+                        raise self._fail(
+                            f"{where} {index} (chain head {head}): device-readable descriptor "
+                            "after a device-writable one"
+                        )
+                    readable.extend(pieces)
+                    read_len += length
+            elif flags & VRING_DESC_F_WRITE:
+                seen_write = True
+            elif seen_write:
+                raise self._fail(
+                    f"{where} {index} (chain head {head}): device-readable descriptor "
+                    "after a device-writable one"
+                )
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= table_len:
+                raise self._fail(
+                    f"{where} {index} (chain head {head}): next {nxt} >= "
+                    f"{'indirect table size' if in_indirect else 'queue size'} {table_len}"
+                )
+            index = nxt
+            addr, length, flags, nxt = unpack(desc, nxt << 4)
+        if read_len + write_len > _U32_LIMIT:
+            raise self._fail(
+                f"chain at head {head} is {read_len + write_len} bytes long, more than 2^32"
+            )
+        return DescriptorChain(
+            head, readable, writable, read_len, write_len, writable_gpas, ring_count
+        )
+
+    # -- push -----------------------------------------------------------------------------------
+
+    def _check_head(self, head: int, written: int) -> None:
+        if not 0 <= head < self.size:
+            raise VirtqueueError(
+                f"push: head {head} out of range (queue size {self.size})", queue=self.queue_index
+            )
+        if not 0 <= written < _U32_LIMIT:
+            raise VirtqueueError(
+                f"push: written length {written} for head {head} does not fit in 32 bits",
+                queue=self.queue_index,
+            )
+
+    def _log_chain(self, head: int, written: int) -> None:
+        """Mark the guest pages a device write of ``written`` bytes into chain ``head`` touched.
+
+        Re-walks the descriptors (as libvhost-user does) so that no per-chain state is kept for
+        the case where logging is off; a descriptor the driver changed meanwhile is its problem.
+        """
+        saved = self._broken
+        try:
+            chain = self._parse(head, self._mem.fast_table())
+        except VirtqueueError as exc:
+            self._broken = saved
+            log.warning("queue %d: cannot log writes of chain %d: %s", self.queue_index, head, exc)
+            return
+        self._mem.log_pieces(chain.writable_gpas, written)
+
+    def push(self, head: int, written: int) -> None:
+        """Put chain ``head`` in the used ring with ``written`` bytes and publish used.idx."""
+        self._check_head(head, written)
+        idx = self._used_idx
+        slot = idx & self._mask
+        _USED_ELEM.pack_into(self._used_ring, slot << 3, head, written)
+        mem = self._mem
+        if mem.logging:
+            if written:
+                self._log_chain(head, written)
+            if self._log_used:
+                mem.log_write(self._used_log_gpa + 4 + (slot << 3), 8)
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.before_publish((head,))
+        if RW_BARRIERS_NEEDED:
+            write_barrier()
+        idx = (idx + 1) & 0xFFFF
+        self._used[1] = idx
+        self._used_idx = idx
+        if self._log_used:
+            mem.log_write(self._used_log_gpa + 2, 2)
+        if inflight is not None:
+            inflight.after_publish((head,), idx)
+
+    def push_batch(self, items: Sequence[tuple[int, int]]) -> None:
+        """Put several ``(head, written)`` in the used ring; one used.idx store for all."""
+        n = len(items)
+        if not n:
+            return
+        size = self.size
+        try:
+            elems = array(
+                "I", chain_items.from_iterable(items)
+            )  # rejects negatives and values >= 2^32
+        except OverflowError:
+            elems = None
+        if elems is None or max(items)[0] >= size or n > size:
+            for head, written in items:
+                self._check_head(head, written)
+            if n > size:
+                raise VirtqueueError(
+                    f"push_batch: {n} elements exceed the queue size {size}",
+                    queue=self.queue_index,
+                )
+        assert elems is not None
+        ring = self._used_ring32
+        slot = self._used_idx & self._mask
+        end = slot + n
+        if end <= size:
+            ring[2 * slot : 2 * end] = elems
+        else:
+            split = 2 * (size - slot)
+            ring[2 * slot :] = elems[:split]
+            ring[: 2 * (end - size)] = elems[split:]
+        idx = self._used_idx + n
+        mem = self._mem
+        if mem.logging:
+            start = self._used_idx
+            for k, (head, written) in enumerate(items):
+                if written:
+                    self._log_chain(head, written)
+                if self._log_used:
+                    mem.log_write(self._used_log_gpa + 4 + (((start + k) & self._mask) << 3), 8)
+        inflight = self._inflight
+        heads = [h for h, _ in items] if inflight is not None else []
+        if inflight is not None:
+            inflight.before_publish(heads)
+        if RW_BARRIERS_NEEDED:
+            write_barrier()
+        idx &= 0xFFFF
+        self._used[1] = idx
+        self._used_idx = idx
+        if self._log_used:
+            mem.log_write(self._used_log_gpa + 2, 2)
+        if inflight is not None:
+            inflight.after_publish(heads, idx)
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """After pushes: whether to signal the call eventfd (NO_INTERRUPT / used_event rule)."""
+        new = self._used_idx
+        if new == self._signalled_used:
+            return False  # nothing pushed since the last decision
+        full_barrier()
+        if self.event_idx:
+            old = self._signalled_used
+            valid = self._signalled_valid
+            self._signalled_used = new
+            self._signalled_valid = True
+            if not valid:
+                return True
+            return vring_need_event(self._avail[self._used_event_index], new, old)
+        self._signalled_used = new
+        self._signalled_valid = True
+        return not self._avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def _set_avail_event(self, value: int) -> None:
+        self._used[self._avail_event_index] = value
+        if self._log_used:
+            self._mem.log_write(self._used_log_gpa + 4 + 8 * self.size, 2)
+
+    def _set_used_flags(self, flags: int) -> None:
+        self._used[0] = flags
+        if self._log_used:
+            self._mem.log_write(self._used_log_gpa, 2)
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (NO_NOTIFY; with EVENT_IDX, stop advancing avail_event)."""
+        self._notify_enabled = False
+        if not self.event_idx:
+            self._set_used_flags(self._used[0] | VRING_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick again; True if chains are available (process them first)."""
+        self._check_broken()
+        self._notify_enabled = True
+        if self.event_idx:
+            self._set_avail_event(self._last_avail)
+        else:
+            self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
+        full_barrier()
+        return self._avail_entries() > 0
+
+
+class SplitDriver:
+    """Driver side of a split ring: what a guest does, so back-ends can be exercised without a VM.
+
+    Initialises the ring like a freshly reset queue; ``start_idx`` starts avail.idx and used.idx
+    elsewhere than 0 (pair it with ``SplitQueue(last_avail_idx=start_idx)`` to test wrap-around).
+    The device side is untrusted here too: a bad used element raises VirtqueueError.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool = False,
+        start_idx: int = 0,
+        queue_index: int = 0,
+    ) -> None:
+        _check_size(size)
+        self.size = size
+        self.event_idx = event_idx
+        self.queue_index = queue_index
+        self._mem = mem
+        self._mask = size - 1
+        self._desc = _ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
+        self._avail = _ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
+        used = _ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
+        self._used = used.cast("H")
+        self._used_ring = used[4 : 4 + 8 * size]
+        self._used_event_index = 2 + size
+        self._avail_event_index = 2 + 4 * size
+        start = start_idx & 0xFFFF
+        self._desc[:] = bytes(len(self._desc))
+        self._avail[:] = memoryview(bytes(2 * len(self._avail))).cast("H")
+        self._used[:] = memoryview(bytes(2 * len(self._used))).cast("H")
+        self._avail[1] = start
+        self._used[1] = start
+        self._avail[self._used_event_index] = start
+        self._used[self._avail_event_index] = start
+        self._avail_idx = start
+        self._kicked_at = start
+        self._last_used = start
+        self._free: list[int] = list(range(size - 1, -1, -1))
+        self._owned: list[list[int] | None] = [None] * size
+        self._interrupts = True
+
+    def close(self) -> None:
+        """Release the ring views so the memory can be unmapped now (the driver is unusable)."""
+        for view in (self._avail, self._used, self._used_ring, self._desc):
+            view.release()
+
+    @property
+    def num_free(self) -> int:
+        """Descriptors not currently given to the device."""
+        return len(self._free)
+
+    @property
+    def avail_idx(self) -> int:
+        """Free-running avail index including chains added but not yet published."""
+        return self._avail_idx
+
+    @property
+    def last_used_idx(self) -> int:
+        """Free-running index of the next used element to collect."""
+        return self._last_used
+
+    def add(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        *,
+        indirect_gpa: int | None = None,
+    ) -> int:
+        """Place a chain of ``(gpa, len)`` buffers; return its head. Visible after publish().
+
+        With ``indirect_gpa`` the descriptors go to an indirect table written there (the caller
+        owns that memory, ``16 * n`` bytes) and one ring descriptor refers to it.
+        """
+        n = len(readable) + len(writable)
+        if n == 0:
+            raise ValueError("add: a chain needs at least one buffer")
+        free = self._free
+        pack = _DESC.pack_into
+        if indirect_gpa is not None:
+            if n > self.size:
+                raise ValueError(f"add: {n} buffers exceed the queue size {self.size}")
+            if not free:
+                raise VirtqueueError("add: no free descriptor", queue=self.queue_index)
+            table = bytearray(DESC_SIZE * n)
+            last_k = n - 1
+            for k, (gpa, length) in enumerate((*readable, *writable)):
+                flags = VRING_DESC_F_WRITE if k >= len(readable) else 0
+                if k < last_k:
+                    flags |= VRING_DESC_F_NEXT
+                pack(table, k << 4, gpa, length, flags, k + 1 if k < last_k else 0)
+            self._mem.write(indirect_gpa, table)
+            head = free.pop()
+            pack(self._desc, head << 4, indirect_gpa, len(table), VRING_DESC_F_INDIRECT, 0)
+            owned = [head]
+        else:
+            if n > len(free):
+                raise VirtqueueError(
+                    f"add: chain needs {n} descriptors, only {len(free)} free",
+                    queue=self.queue_index,
+                )
+            owned = [free.pop() for _ in range(n)]
+            desc = self._desc
+            k = 0
+            last_k = n - 1
+            for gpa, length in readable:
+                nxt = owned[k + 1] if k < last_k else 0
+                pack(desc, owned[k] << 4, gpa, length, VRING_DESC_F_NEXT if k < last_k else 0, nxt)
+                k += 1
+            for gpa, length in writable:
+                flags = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if k < last_k else 0)
+                pack(desc, owned[k] << 4, gpa, length, flags, owned[k + 1] if k < last_k else 0)
+                k += 1
+            head = owned[0]
+        self._owned[head] = owned
+        self._avail[2 + (self._avail_idx & self._mask)] = head
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> None:
+        """Make every added chain visible: write barrier, then store avail.idx."""
+        if RW_BARRIERS_NEEDED:
+            write_barrier()
+        self._avail[1] = self._avail_idx
+
+    def should_kick(self) -> bool:
+        """After publish(): whether the device wants a notification (avail_event / NO_NOTIFY)."""
+        new = self._avail_idx
+        old = self._kicked_at
+        if new == old:
+            return False
+        full_barrier()
+        self._kicked_at = new
+        if self.event_idx:
+            return vring_need_event(self._used[self._avail_event_index], new, old)
+        return not self._used[0] & VRING_USED_F_NO_NOTIFY
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """Collect ``(head, len)`` of every used element since the last call; free their descs."""
+        used_idx = self._used[1]
+        last = self._last_used
+        pending = (used_idx - last) & 0xFFFF
+        if pending == 0:
+            return []
+        in_flight = (self._avail_idx - last) & 0xFFFF
+        if pending > in_flight:
+            raise VirtqueueError(
+                f"used.idx {used_idx} is {pending} entries ahead of last used {last}, but only "
+                f"{in_flight} chains were made available",
+                queue=self.queue_index,
+            )
+        if RW_BARRIERS_NEEDED:
+            read_barrier()
+        out: list[tuple[int, int]] = []
+        unpack = _USED_ELEM.unpack_from
+        ring = self._used_ring
+        mask = self._mask
+        owned = self._owned
+        free = self._free
+        for _ in range(pending):
+            head, length = unpack(ring, (last & mask) << 3)
+            descs = owned[head] if head < len(owned) else None
+            if descs is None:
+                self._last_used = last
+                raise VirtqueueError(
+                    f"used element {last}: id {head} is not a chain the driver made available",
+                    queue=self.queue_index,
+                )
+            owned[head] = None
+            free.extend(descs)
+            out.append((head, length))
+            last = (last + 1) & 0xFFFF
+        self._last_used = last
+        if self.event_idx and self._interrupts:
+            self._avail[self._used_event_index] = last
+        return out
+
+    def enable_interrupts(self) -> bool:
+        """Ask for used-buffer notifications again; True if used elements are already waiting."""
+        self._interrupts = True
+        if self.event_idx:
+            self._avail[self._used_event_index] = self._last_used
+        else:
+            self._avail[0] = self._avail[0] & ~VRING_AVAIL_F_NO_INTERRUPT
+        full_barrier()
+        return self._used[1] != self._last_used
+
+    def disable_interrupts(self) -> None:
+        """Tell the device notifications are not needed (NO_INTERRUPT; EVENT_IDX: no advancing)."""
+        self._interrupts = False
+        if not self.event_idx:
+            self._avail[0] = self._avail[0] | VRING_AVAIL_F_NO_INTERRUPT
