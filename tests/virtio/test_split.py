@@ -534,3 +534,20 @@ def test_push_batch_logs_used_ring_and_buffers(rig: Rig) -> None:
     dev.push_batch([(chains[0].head, 0), (chains[1].head, 1)])
     page = DATA // PAGE_SIZE
     assert log.dirty_pages() == [rig.used // PAGE_SIZE, page + 9]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_region_removed_during_pop_is_not_the_guests_fault(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, batch: bool
+) -> None:
+    rig.mem.add_anonymous(MiB, 4 * MiB)
+    rig.drv.add([(4 * MiB, 4)], [])
+    rig.drv.publish()
+    dev = rig.queue()
+    stale = rig.mem.fast_table()  # what a pop that raced with the removal would have seen
+    rig.mem.remove_region(4 * MiB, MiB, rig.mem.regions[1].userspace_addr)
+    monkeypatch.setattr(rig.mem, "fast_table", lambda: stale)
+    with pytest.raises(GuestMemoryError, match="removed while popping"):
+        dev.pop_batch(4) if batch else dev.pop()
+    assert dev.broken is None
+    assert dev.last_avail_idx == 0
