@@ -1,1 +1,0 @@
-"""pyvhost.kernel."""
