@@ -127,6 +127,11 @@ def test_chain_helpers(rig: Rig) -> None:
     assert chain.read_at(4, 100) == b"efgh"
     with pytest.raises(ValueError, match="outside"):
         chain.readable_view_at(6, 3)
+    with pytest.raises(ValueError, match="negative"):
+        chain.read_at(-1, 2)
+    assert [bytes(v) for v in chain.iter_readable()] == [b"abc", b"defgh"]
+    assert list(chain.iter_writable()) == []
+    assert chain.write_at(0, b"x") == 0  # nothing writable
 
 
 def test_pop_batch_and_get_base(rig: Rig) -> None:

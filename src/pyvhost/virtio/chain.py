@@ -41,6 +41,8 @@ class DescriptorChain:
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Copy ``length`` readable bytes starting at ``offset`` (fewer if the chain is shorter)."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"read_at: negative offset {offset} or length {length}")
         out: list[memoryview] = []
         for piece in self.readable:
             n = len(piece)
@@ -81,6 +83,8 @@ class DescriptorChain:
         Writes as much as fits (like write(2)): the return value is less than ``len(data)`` when
         the writable part ends first.
         """
+        if offset < 0:
+            raise ValueError(f"write_at: negative offset {offset}")
         src = memoryview(data).cast("B")
         total = len(src)
         done = 0

@@ -127,6 +127,14 @@ def _release_mapping(mm: mmap.mmap, view: memoryview, what: str) -> None:
         )
 
 
+def _removed(gpa: int, length: int) -> GuestMemoryError:
+    return GuestMemoryError(
+        f"guest address {gpa:#x}+{length:#x}: its memory region was removed meanwhile",
+        address=gpa,
+        length=length,
+    )
+
+
 class RegionSpec(NamedTuple):
     """The description of one region as a front-end sends it (fd plus the message fields)."""
 
@@ -214,7 +222,8 @@ class DirtyLog:
     """The vhost dirty-page log: one bit per 4 KiB guest-physical page, LSB first in each byte.
 
     Marking takes a lock so that threads of this process never lose each other's bits (CPython
-    offers no atomic OR on an mmap, so each mark is a byte load then a byte store). Across
+    offers no atomic OR on an mmap, so each mark is a byte load then a byte store; the 3.11 GIL
+    happens not to switch threads between the two, but we do not rely on that). Across
     processes this is weaker than the ``lock or`` other back-ends use: if the front-end reads and
     clears a byte between our load and store, we put back the bits it just took (a spurious
     re-send, harmless); but the front-end shares one log among all its vhost devices, and if
@@ -307,13 +316,19 @@ class DirtyLog:
 
 
 class GuestMemory:
-    """The guest's memory as a table of mapped regions, with GPA and front-end VA translation."""
+    """The guest's memory as a table of mapped regions, with GPA and front-end VA translation.
+
+    Translations may run on other threads while the table changes: each sees the old or the new
+    table as a whole; one that loses the race with a removal gets a GuestMemoryError. Views
+    already handed out stay valid (the mapping is kept until they are released).
+    """
 
     def __init__(self, regions: Iterable[RegionSpec] = ()) -> None:
+        # Each table is one tuple, swapped with one store, so a reader on another thread never
+        # pairs the starts of one table with the regions of another.
         self._regions: tuple[Region, ...] = ()
-        self._starts: list[int] = []
-        self._uva_sorted: tuple[Region, ...] = ()
-        self._uva_starts: list[int] = []
+        self._gpa_table: tuple[list[int], tuple[Region, ...]] = ([], ())
+        self._uva_table: tuple[list[int], tuple[Region, ...]] = ([], ())
         self._fast: tuple[list[int], list[int], list[memoryview]] = ([], [], [])
         self._log: DirtyLog | None = None
         self._lock = threading.Lock()
@@ -363,10 +378,9 @@ class GuestMemory:
     def _install(self, regions: Iterable[Region]) -> None:
         by_gpa = tuple(sorted(regions, key=lambda r: r.guest_phys_addr))
         by_uva = tuple(sorted(by_gpa, key=lambda r: r.userspace_addr))
-        self._uva_sorted = by_uva
-        self._uva_starts = [r.userspace_addr for r in by_uva]
+        self._uva_table = ([r.userspace_addr for r in by_uva], by_uva)
+        self._gpa_table = ([r.guest_phys_addr for r in by_gpa], by_gpa)
         self._regions = by_gpa
-        self._starts = [r.guest_phys_addr for r in by_gpa]
         self._fast = (
             [r.guest_phys_addr for r in by_gpa],
             [r.size for r in by_gpa],
@@ -484,8 +498,8 @@ class GuestMemory:
     def _miss(self, gpa: int, length: int) -> GuestMemoryError:
         """Build the error for a gpa range not (fully) covered by the table."""
         _check_range("guest address", gpa, length)
-        regions = self._regions
-        i = bisect_right(self._starts, gpa) - 1
+        starts, regions = self._gpa_table
+        i = bisect_right(starts, gpa) - 1
         if i < 0 or gpa >= regions[i].gpa_end:
             why = "is not in any memory region"
         else:
@@ -511,49 +525,64 @@ class GuestMemory:
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``[gpa, gpa + length)``, which must lie within one region."""
-        i = bisect_right(self._starts, gpa) - 1
+        starts, regions = self._gpa_table
+        i = bisect_right(starts, gpa) - 1
         if i >= 0 and length >= 0:
-            region = self._regions[i]
+            region = regions[i]
             offset = gpa - region.guest_phys_addr
             if offset + length <= region.size:
-                return region.view[offset : offset + length]
+                try:
+                    return region.view[offset : offset + length]
+                except ValueError:  # released: the region was removed after we looked it up
+                    raise _removed(gpa, length) from None
         raise self._miss(gpa, length)
 
     def translate(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``[gpa, gpa + length)``, one per region crossed (adjacent regions)."""
         if length == 0 and gpa >= 0:
             return []
-        i = bisect_right(self._starts, gpa) - 1
+        starts, regions = self._gpa_table
+        i = bisect_right(starts, gpa) - 1
         if i >= 0 and length > 0:
-            regions = self._regions
             region = regions[i]
             offset = gpa - region.guest_phys_addr
-            if offset + length <= region.size:
-                return [region.view[offset : offset + length]]
-            if offset < region.size:
-                out: list[memoryview] = []
-                remaining = length
-                n = len(regions)
-                while True:
-                    chunk = min(remaining, region.size - offset)
-                    out.append(region.view[offset : offset + chunk])
-                    remaining -= chunk
-                    if remaining == 0:
-                        return out
-                    end = region.gpa_end
-                    i += 1
-                    if i >= n or regions[i].guest_phys_addr != end:
-                        break
-                    region = regions[i]
-                    offset = 0
+            try:
+                if offset + length <= region.size:
+                    return [region.view[offset : offset + length]]
+                if offset < region.size:
+                    return self._translate_across(regions, i, offset, gpa, length)
+            except ValueError:  # released: a region was removed after we looked it up
+                raise _removed(gpa, length) from None
         raise self._miss(gpa, length)
+
+    def _translate_across(
+        self, regions: tuple[Region, ...], i: int, offset: int, gpa: int, length: int
+    ) -> list[memoryview]:
+        """The views of a range that starts in ``regions[i]`` and runs into the next ones."""
+        region = regions[i]
+        out: list[memoryview] = []
+        remaining = length
+        n = len(regions)
+        while True:
+            chunk = min(remaining, region.size - offset)
+            out.append(region.view[offset : offset + chunk])
+            remaining -= chunk
+            if remaining == 0:
+                return out
+            end = region.gpa_end
+            i += 1
+            if i >= n or regions[i].guest_phys_addr != end:
+                raise self._miss(gpa, length)
+            region = regions[i]
+            offset = 0
 
     def uva_to_gpa(self, uva: int, length: int = 1) -> int:
         """Translate a front-end virtual address (SET_VRING_ADDR) to a guest-physical one."""
         _check_range("userspace address", uva, length)
-        i = bisect_right(self._uva_starts, uva) - 1
+        starts, by_uva = self._uva_table
+        i = bisect_right(starts, uva) - 1
         if i >= 0:
-            region = self._uva_sorted[i]
+            region = by_uva[i]
             offset = uva - region.userspace_addr
             if offset + length <= region.size:
                 return region.guest_phys_addr + offset

@@ -104,12 +104,21 @@ def _ring_view(mem: GuestMemory, what: str, gpa: int, length: int, align: int) -
         ) from exc
 
 
+def _table_changed(queue: int) -> GuestMemoryError:
+    return GuestMemoryError(
+        f"queue {queue}: a memory region was removed while popping; the chain was not taken"
+    )
+
+
 class SplitQueue:
     """Device side of a split virtqueue: pop chains the driver made available, push them back.
 
     The ring views are taken once at construction; after the memory table changes (SET_MEM_TABLE,
     REM_MEM_REG) build a new queue with ``last_avail_idx=old.get_base()``. ``used_idx`` defaults
     to the value found in the used ring, as a back-end resuming a queue does.
+
+    Not thread-safe: one thread drives a queue. Chains popped hold views into guest memory that
+    keep their regions mapped until released, even across a memory table change.
     """
 
     def __init__(
@@ -217,12 +226,16 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None."""
-        self._check_broken()
+        if self._broken is not None:
+            self._check_broken()
         last = self._last_avail
         if last == self._shadow_avail and self._avail_entries() == 0:
             return None
         head = self._avail[2 + (last & self._mask)]
-        chain = self._parse(head, self._mem.fast_table())
+        try:
+            chain = self._parse(head, self._mem.fast_table())
+        except ValueError:  # a region view was released: the memory table changed under us
+            raise _table_changed(self.queue_index) from None
         self._last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx and self._notify_enabled:
             self._set_avail_event(last)
@@ -236,7 +249,8 @@ class SplitQueue:
         The hot path: heads are read with one slice of the available ring, and chains of one
         direct descriptor inside one region are built inline; anything else goes to ``_parse``.
         """
-        self._check_broken()
+        if self._broken is not None:
+            self._check_broken()
         last = self._last_avail
         ready = (self._shadow_avail - last) & 0xFFFF
         if ready < max_n:
@@ -260,6 +274,8 @@ class SplitQueue:
             else:
                 parse = self._parse
                 out.extend(parse(head, table) for head in heads)
+        except ValueError:  # a region view was released: the memory table changed under us
+            raise _table_changed(self.queue_index) from None
         finally:
             last = (last + len(out)) & 0xFFFF
             self._last_avail = last
@@ -469,10 +485,13 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Put chain ``head`` in the used ring with ``written`` bytes and publish used.idx."""
-        self._check_head(head, written)
+        if not (0 <= head < self.size and 0 <= written < _U32_LIMIT):
+            self._check_head(head, written)
         idx = self._used_idx
         slot = idx & self._mask
-        _USED_ELEM.pack_into(self._used_ring, slot << 3, head, written)
+        ring = self._used_ring32
+        ring[2 * slot] = head
+        ring[2 * slot + 1] = written
         mem = self._mem
         if mem.logging:
             if written:
