@@ -510,6 +510,7 @@ class BackendHandler:
         assert addr is not None
         num, i = vring.num, vring.index
         event_idx = _has(self.features, vf.F_RING_EVENT_IDX)
+        indirect = _has(self.features, vf.F_RING_INDIRECT_DESC)
         log_used = bool(addr.flags & VRING_F_LOG)
         region = self.inflight if self.inflight and i < self.inflight.num_queues else None
         if self.packed:
@@ -523,12 +524,14 @@ class BackendHandler:
                 self._ring_gpa("driver area", vring, addr.avail_user_addr, 4),
                 self._ring_gpa("device area", vring, addr.used_user_addr, 4),
                 event_idx=event_idx,
+                indirect=indirect,
                 last_avail_idx=avail,
                 avail_wrap=avail_wrap,
                 used_idx=used,
                 used_wrap=used_wrap,
                 queue_index=i,
                 log_used=log_used,
+                used_log_gpa=addr.log_guest_addr,
                 inflight=tracker,
             )
         split_tracker = region.split_queue(i) if region is not None else None
@@ -539,6 +542,7 @@ class BackendHandler:
             self._ring_gpa("available ring", vring, addr.avail_user_addr, 6 + 2 * num),
             self._ring_gpa("used ring", vring, addr.used_user_addr, 6 + 8 * num),
             event_idx=event_idx,
+            indirect=indirect,
             last_avail_idx=(vring.base or 0) & 0xFFFF,
             queue_index=i,
             log_used=log_used,
