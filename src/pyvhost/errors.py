@@ -13,7 +13,9 @@ class ProtocolError(VhostError):
     ``request`` names the request (spec name) when it is known; ``field`` names the offending field.
     """
 
-    def __init__(self, message: str, *, request: str | None = None, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, request: str | None = None, field: str | None = None
+    ) -> None:
         prefix = f"{request}: " if request else ""
         super().__init__(prefix + message)
         self.request = request
@@ -35,7 +37,9 @@ class UnsupportedRequestError(VhostError):
 class GuestMemoryError(VhostError):
     """A guest address or length does not fall inside the mapped memory regions."""
 
-    def __init__(self, message: str, *, address: int | None = None, length: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, address: int | None = None, length: int | None = None
+    ) -> None:
         super().__init__(message)
         self.address = address
         self.length = length

@@ -272,6 +272,11 @@ class PackedQueue:
         return len(self._outstanding)
 
     @property
+    def inflight(self) -> PackedInflightHooks | None:
+        """The inflight-tracking hooks this queue reports to, if any."""
+        return self._inflight
+
+    @property
     def broken(self) -> str | None:
         """Why the queue stopped (the driver broke the rules), or None."""
         return self._broken

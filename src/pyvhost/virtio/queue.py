@@ -88,3 +88,7 @@ class SplitInflightHooks(Protocol):
     def after_publish(self, heads: Sequence[int], used_idx: int) -> None:
         """The batch is visible in the used ring with used.idx == ``used_idx``: clear it."""
         ...
+
+    def recover(self, used_ring_idx: int) -> list[int]:
+        """After a reconnect: the heads still inflight, in the order they were popped."""
+        ...

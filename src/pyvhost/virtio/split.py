@@ -187,6 +187,11 @@ class SplitQueue:
         return self._used_idx
 
     @property
+    def inflight(self) -> SplitInflightHooks | None:
+        """The inflight-tracking hooks this queue reports to, if any."""
+        return self._inflight
+
+    @property
     def broken(self) -> str | None:
         """Why the queue stopped (the driver broke the rules), or None."""
         return self._broken
@@ -194,6 +199,20 @@ class SplitQueue:
     def get_base(self) -> int:
         """GET_VRING_BASE: the next available index the device would process."""
         return self._last_avail
+
+    def recover_inflight(self) -> list[DescriptorChain]:
+        """After a reconnect: the chains a previous back-end popped and never completed, in order.
+
+        Needs the queue's ``inflight`` hooks over the adopted region. As libvhost-user does, the
+        queue then resumes at ``used.idx + len(chains)`` (the front-end set the base to used.idx).
+        """
+        tracker = self._inflight
+        if tracker is None:
+            raise TypeError(f"queue {self.queue_index}: recover_inflight needs inflight hooks")
+        heads = tracker.recover(self._used_idx)
+        self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
+        table = self._mem.fast_table()
+        return [self._parse(head, table) for head in heads]
 
     def _fail(self, reason: str) -> VirtqueueError:
         self._broken = reason

@@ -1,0 +1,132 @@
+"""``pyvhost serve``: run a vhost-user back-end (blk, rng) on a Unix socket until SIGTERM / SIGINT.
+
+    pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
+                      [--serial ID] [--workers N] [--queue-size N]
+    pyvhost serve rng --socket PATH [--client]
+
+Connection events and errors are logged to stderr (one line each) unless ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from pyvhost.daemon.device import Device
+from pyvhost.daemon.server import Daemon
+
+__all__ = ["register", "run"]
+
+log = logging.getLogger("pyvhost.serve")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket", required=True, metavar="PATH", help="vhost-user Unix socket path"
+    )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to a front-end listening at PATH (QEMU server=on) instead of listening",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="queue worker threads (default 1: one loop thread serves every queue)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``serve`` sub-command with its ``blk`` and ``rng`` devices."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a vhost-user device (blk, rng) on a Unix socket",
+        description=(
+            "Run a vhost-user back-end. It serves one front-end at a time and waits for the "
+            "next when one leaves; SIGTERM or SIGINT stop it and remove the socket."
+        ),
+    )
+    devices = parser.add_subparsers(dest="device", metavar="DEVICE", required=True)
+
+    blk = devices.add_parser(
+        "blk",
+        help="virtio-blk over a raw image file or block device",
+        description="virtio-blk over a raw image file or block device.",
+    )
+    _common(blk)
+    blk.add_argument("--image", required=True, metavar="FILE", help="raw image or block device")
+    blk.add_argument(
+        "--readonly", action="store_true", help="read-only disk (writes fail with IOERR)"
+    )
+    blk.add_argument("--queues", type=_positive_int, default=1, metavar="N", help="queues (1)")
+    blk.add_argument("--serial", metavar="ID", help="serial number returned by GET_ID")
+    blk.add_argument(
+        "--queue-size", type=_positive_int, default=256, metavar="N", help="largest ring (256)"
+    )
+
+    rng = devices.add_parser(
+        "rng",
+        help="virtio-rng fed from os.getrandom",
+        description="virtio-rng (entropy) fed from os.getrandom.",
+    )
+    _common(rng)
+
+
+def _blk_factory(args: argparse.Namespace) -> Device:
+    from pyvhost.devices.blk import BlkDevice
+
+    return BlkDevice.from_args(args.image, args.readonly, args.queues, args.serial, args.queue_size)
+
+
+def _rng_factory(args: argparse.Namespace) -> Device:
+    from pyvhost.devices.rng import RngDevice
+
+    return RngDevice()
+
+
+_FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
+    "blk": _blk_factory,
+    "rng": _rng_factory,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the device, serve it until a signal, release it; 0 on a clean stop."""
+    if not args.quiet:
+        pkg = logging.getLogger("pyvhost")
+        if pkg.getEffectiveLevel() > logging.INFO:
+            pkg.setLevel(logging.INFO)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+    try:
+        device = _FACTORIES[args.device](args)
+    except (OSError, ValueError) as exc:
+        print(f"pyvhost serve {args.device}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        Daemon(device, args.socket, client=args.client, workers=args.workers).run()
+    except OSError as exc:
+        print(f"pyvhost serve {args.device}: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close = getattr(device, "close", None)
+        if callable(close):
+            close()
+    return 0

@@ -1,0 +1,219 @@
+"""Daemon: serve one device on a vhost-user socket, one front-end at a time, until told to stop.
+
+Server mode (the default) listens at the socket path, as QEMU's ``-chardev socket,path=...``
+expects; client mode connects to a front-end that listens (``server=on``), retrying until it
+is there. Either way, when the front-end goes away the daemon waits for the next one. A device
+with ``uses_inflight`` that is restarted under a running front-end picks up the chains its
+predecessor left in flight (see :func:`pyvhost.daemon.loop.recover_inflight`).
+
+SIGTERM and SIGINT (when :meth:`Daemon.run` installs the handlers) stop the daemon cleanly:
+the connection is closed, the rings stopped, and the socket file removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+from pyvhost.daemon.device import Device
+from pyvhost.daemon.loop import EventLoop
+from pyvhost.user.backend import BackendHandler
+from pyvhost.user.connection import Connection, Listener, connect
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("pyvhost.daemon")
+
+ACCEPT_POLL = 0.2
+"""Seconds between checks for shutdown while waiting for a front-end."""
+
+CONNECT_RETRY = 0.2
+"""Seconds between connection attempts in client mode."""
+
+
+class Daemon:
+    """Serve ``device`` (an instance, reused across connections, or a factory called per
+    connection) on ``socket_path``."""
+
+    def __init__(
+        self,
+        device: Device | Callable[[], Device],
+        socket_path: str | os.PathLike[str],
+        *,
+        client: bool = False,
+        workers: int = 1,
+        **handler_options: Any,
+    ) -> None:
+        if isinstance(device, Device):
+            instance = device
+            self.device_factory: Callable[[], Device] = lambda: instance
+            self.device_name = type(device).__name__
+        else:
+            self.device_factory = device
+            self.device_name = getattr(device, "__name__", type(device).__name__)
+        self.socket_path = os.fspath(socket_path)
+        self.client = client
+        self.workers = workers
+        self.handler_options = handler_options
+        self.connections = 0
+        """Front-ends served so far."""
+        self.device: Device | None = None
+        """The device of the current (or last) connection."""
+        self.ready = threading.Event()
+        """Set once the socket listens (server) or the first connection attempt was made."""
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._listener: Listener | None = None
+        self._loop: EventLoop | None = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.socket_path)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve front-ends one after the other until :meth:`shutdown`."""
+        self._loop = EventLoop(self.workers, name=f"{self.device_name}")
+        try:
+            if self.client:
+                self._client_loop()
+            else:
+                self._server_loop()
+        finally:
+            self._loop.stop()
+            self._loop = None
+            self.ready.set()
+            log.info("%s: daemon stopped", self.name)
+
+    def _server_loop(self) -> None:
+        self._listener = listener = Listener(self.socket_path)
+        try:
+            log.info(
+                "%s: listening on %s (%s, %d worker%s)",
+                self.name,
+                self.socket_path,
+                self.device_name,
+                self.workers,
+                "" if self.workers == 1 else "s",
+            )
+            self.ready.set()
+            while not self._stopping.is_set():
+                try:
+                    conn = listener.accept(ACCEPT_POLL)
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    if self._stopping.is_set():
+                        break
+                    log.error("%s: accept failed: %s", self.name, exc)
+                    time.sleep(ACCEPT_POLL)
+                    continue
+                self._serve(conn)
+        finally:
+            self._listener = None
+            listener.close()
+            log.info("%s: socket %s removed", self.name, self.socket_path)
+
+    def _client_loop(self) -> None:
+        waiting_logged = False
+        while not self._stopping.is_set():
+            try:
+                conn = connect(self.socket_path, deadline=CONNECT_RETRY, interval=0.05)
+            except (ConnectionError, OSError) as exc:
+                if not waiting_logged:
+                    log.info(
+                        "%s: waiting for a front-end at %s (%s)", self.name, self.socket_path, exc
+                    )
+                    waiting_logged = True
+                self.ready.set()
+                self._stopping.wait(CONNECT_RETRY)
+                continue
+            self.ready.set()
+            waiting_logged = False
+            self._serve(conn)
+
+    def _serve(self, conn: Connection) -> None:
+        """Serve one front-end until it leaves (or shutdown closes its connection)."""
+        self.connections += 1
+        name = f"{self.name}#{self.connections}"
+        try:
+            device = self.device_factory()
+        except Exception:
+            log.exception("%s: cannot create the device; dropping the front-end", name)
+            conn.close()
+            return
+        assert self._loop is not None
+        device.attach_loop(self._loop)
+        self.device = device
+        handler = BackendHandler(device, conn, name=name, **self.handler_options)
+        with self._lock:
+            self._conn = conn
+        if self._stopping.is_set():
+            _wake(conn)
+        try:
+            handler.serve()
+        finally:
+            with self._lock:
+                self._conn = None
+
+    def shutdown(self) -> None:
+        """Stop: close the current connection, stop accepting; serve_forever then returns."""
+        if not self._stopping.is_set():
+            log.info("%s: shutting down", self.name)
+        self._stopping.set()
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            _wake(conn)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(self) -> None:
+        """serve_forever with SIGTERM / SIGINT handlers installed (main thread only)."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: %s received", self.name, signal.Signals(signum).name)
+            self.shutdown()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.serve_forever()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def run_in_thread(self, timeout: float = 10.0) -> Iterator[Daemon]:
+        """Serve in a background thread for the ``with`` block; ready when it is entered."""
+        thread = threading.Thread(
+            target=self.serve_forever, name=f"daemon-{self.name}", daemon=True
+        )
+        thread.start()
+        if not self.ready.wait(timeout):
+            self.shutdown()
+            raise TimeoutError(f"daemon on {self.socket_path} not ready within {timeout}s")
+        try:
+            yield self
+        finally:
+            self.shutdown()
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("%s: daemon thread did not stop within %gs", self.name, timeout)
+
+
+def _wake(conn: Connection) -> None:
+    """Make a blocked receive on ``conn`` return (EOF), from any thread."""
+    with contextlib.suppress(OSError):
+        conn.socket.shutdown(socket.SHUT_RDWR)
