@@ -26,16 +26,15 @@ from pyvhost.user.messages import (
 
 SERVER = """
 import logging, os, signal, sys
-from pyvhost.user.backend import BackendServer
+from pyvhost.daemon import Daemon
 from pyvhost.user.device import ConfigOnlyDevice
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-server = BackendServer(sys.argv[1], lambda: ConfigOnlyDevice(bytes(60), num_queues=2))
+daemon = Daemon(lambda: ConfigOnlyDevice(bytes(60), num_queues=2), sys.argv[1])
 with open(sys.argv[2] + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.rename(sys.argv[2] + ".tmp", sys.argv[2])
-server.serve_forever(0.1)
+daemon.run()
 """
 
 EXPECTED_FEATURES = 1 << 32 | 1 << 30 | 1 << 26
@@ -72,6 +71,17 @@ class Server:
             conn.send(encode_request(Request.GET_FEATURES))
             reply = conn.recv_reply(Request.GET_FEATURES, 5)
             assert reply.payload == U64(EXPECTED_FEATURES)
+
+    def idle_fds(self) -> list[str]:
+        """The server's fds once they stop changing (the last front-end's are closed)."""
+        previous, stable_since = self.fds(), time.monotonic()
+        deadline = stable_since + 5
+        while time.monotonic() - stable_since < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.fds()
+            if current != previous:
+                previous, stable_since = current, time.monotonic()
+        return previous
 
     def settled_fds(self, baseline: list[str]) -> list[str]:
         """The server's fds once it is back to waiting (or after 5 s)."""
@@ -198,7 +208,7 @@ CASES: dict[str, tuple[Callable[[Server], None], str]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_server_survives_and_serves_the_next_front_end(server: Server, case: str) -> None:
     attack, reason = CASES[case]
-    baseline = server.settled_fds(server.fds())
+    baseline = server.idle_fds()
     logged = len(server.proc.stderr)
     attack(server)
     deadline = time.monotonic() + 5

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from peers.qemu import QemuVM, require, short_tmp
-from pyvhost.user.backend import BackendServer, connect_and_serve
+from pyvhost.daemon import Daemon
 from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.messages import Message, Request, VringState
 from pyvhost.user.protocol import ProtocolFeature
@@ -105,17 +105,8 @@ def test_qemu_negotiates_with_the_backend(
         return device
 
     sock = workdir / "blk.sock"
-    server: BackendServer | None = None
-    if qemu_listens:
-        thread = threading.Thread(
-            target=connect_and_serve,
-            args=(sock, make_device()),
-            kwargs={"deadline": 30, "trace": seen.append},
-            daemon=True,
-        )
-    else:
-        server = BackendServer(sock, make_device, trace=seen.append)
-        thread = threading.Thread(target=server.serve_one, args=(30,), daemon=True)
+    daemon = Daemon(make_device, sock, client=qemu_listens, trace=seen.append)
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     vm = QemuVM(workdir, memory="256M", timeout_s=60)
     vm.add_vhost_user_blk(sock, num_queues=num_queues, server=qemu_listens)
     try:
@@ -136,9 +127,8 @@ def test_qemu_negotiates_with_the_backend(
             time.sleep(0.1)
     finally:
         vm.stop()
+        daemon.shutdown()
         thread.join(10)
-        if server is not None:
-            server.close()
     assert not thread.is_alive()
     requests = [m.request for m in seen]
     names = [r.name for r in requests]

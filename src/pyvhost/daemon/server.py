@@ -27,6 +27,7 @@ from pyvhost.daemon.device import Device
 from pyvhost.daemon.loop import EventLoop
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import Connection, Listener, connect
+from pyvhost.user.device import Device as BackendDevice
 
 __all__ = ["Daemon"]
 
@@ -41,20 +42,24 @@ CONNECT_RETRY = 0.2
 
 class Daemon:
     """Serve ``device`` (an instance, reused across connections, or a factory called per
-    connection) on ``socket_path``."""
+    connection) on ``socket_path``.
+
+    Any :class:`pyvhost.user.device.Device` can be served; a :class:`pyvhost.daemon.Device` also
+    gets the event loop that runs its queues.
+    """
 
     def __init__(
         self,
-        device: Device | Callable[[], Device],
+        device: BackendDevice | Callable[[], BackendDevice],
         socket_path: str | os.PathLike[str],
         *,
         client: bool = False,
         workers: int = 1,
         **handler_options: Any,
     ) -> None:
-        if isinstance(device, Device):
+        if isinstance(device, BackendDevice):
             instance = device
-            self.device_factory: Callable[[], Device] = lambda: instance
+            self.device_factory: Callable[[], BackendDevice] = lambda: instance
             self.device_name = type(device).__name__
         else:
             self.device_factory = device
@@ -65,7 +70,7 @@ class Daemon:
         self.handler_options = handler_options
         self.connections = 0
         """Front-ends served so far."""
-        self.device: Device | None = None
+        self.device: BackendDevice | None = None
         """The device of the current (or last) connection."""
         self.ready = threading.Event()
         """Set once the socket listens (server) or the first connection attempt was made."""
@@ -153,7 +158,8 @@ class Daemon:
             conn.close()
             return
         assert self._loop is not None
-        device.attach_loop(self._loop)
+        if isinstance(device, Device):
+            device.attach_loop(self._loop)
         self.device = device
         handler = BackendHandler(device, conn, name=name, **self.handler_options)
         with self._lock:

@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -33,7 +32,7 @@ from pyvhost.errors import (
     UnsupportedRequestError,
     VhostError,
 )
-from pyvhost.user.connection import Connection, Frame, Listener, connect
+from pyvhost.user.connection import Connection, Frame
 from pyvhost.user.device import Device, VringNotifier
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
@@ -81,10 +80,7 @@ __all__ = [
     "HANDLER_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
     "BackendHandler",
-    "BackendServer",
     "FatalProtocolError",
-    "connect_and_serve",
-    "serve_unix",
 ]
 
 log = logging.getLogger("pyvhost.backend")
@@ -1106,83 +1102,3 @@ def _run_transfer(transfer: _StateTransfer, fd: int, data: bytes) -> None:
     finally:
         os.close(fd)
         transfer.done.set()
-
-
-# -- servers --------------------------------------------------------------------------------------
-
-
-class BackendServer:
-    """Listen on a Unix socket; serve one front-end at a time, each with a fresh device.
-
-    Survives any front-end: whatever a connection does, its handler is closed and the server
-    accepts the next one.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        device_factory: Callable[[], Device],
-        **handler_options: Any,
-    ) -> None:
-        self.path = os.fspath(path)
-        self.device_factory = device_factory
-        self.handler_options = handler_options
-        self.listener = Listener(self.path)
-        self.connections = 0
-        self._stopping = threading.Event()
-
-    def serve_one(self, timeout: float | None = None) -> None:
-        """Accept one front-end and serve it until it leaves (TimeoutError if none comes)."""
-        conn = self.listener.accept(timeout)
-        self.connections += 1
-        name = f"{os.path.basename(self.path)}#{self.connections}"
-        try:
-            device = self.device_factory()
-        except BaseException:
-            conn.close()
-            raise
-        BackendHandler(device, conn, name=name, **self.handler_options).serve()
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Serve front-ends one after the other until :meth:`shutdown`."""
-        log.info("listening on %s", self.path)
-        while not self._stopping.is_set():
-            try:
-                self.serve_one(poll_interval)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                log.error("%s: accept failed: %s", self.path, exc)
-                time.sleep(poll_interval)
-            except Exception:
-                log.exception("%s: error serving a front-end", self.path)
-
-    def shutdown(self) -> None:
-        """Make serve_forever return after the current connection (or poll interval)."""
-        self._stopping.set()
-
-    def close(self) -> None:
-        self.shutdown()
-        self.listener.close()
-
-    def __enter__(self) -> BackendServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def serve_unix(
-    path: str | os.PathLike[str], device_factory: Callable[[], Device], **handler_options: Any
-) -> None:
-    """Listen at ``path`` and serve front-ends one at a time, forever."""
-    with BackendServer(path, device_factory, **handler_options) as server:
-        server.serve_forever()
-
-
-def connect_and_serve(
-    path: str | os.PathLike[str], device: Device, *, deadline: float = 10.0, **handler_options: Any
-) -> None:
-    """Client mode: connect to a front-end listening at ``path`` (QEMU server=on) and serve it."""
-    conn = connect(path, deadline=deadline)
-    BackendHandler(device, conn, name=os.path.basename(os.fspath(path)), **handler_options).serve()
