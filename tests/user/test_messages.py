@@ -601,3 +601,13 @@ def test_request_enums_match_spec_numbers() -> None:
     assert [r.value for r in Request] == list(range(1, 45))
     assert [r.value for r in BackendRequest] == list(range(1, 11))
     assert HEADER_SIZE == 12
+
+
+def test_memory_table_full_eight_slot_form_accepted() -> None:
+    """The spec draws all eight slots: a front-end may send them, unused ones zero."""
+    raw = table(REGION) + bytes(32 * 7)
+    msg = accept(Request.SET_MEM_TABLE, raw, nfds=1)
+    assert msg.payload == MemoryTable((REGION,))
+    raw = struct.pack("<II", 2, 0) + REGION.encode() + bytes(32 * 5)
+    err = reject(Request.SET_MEM_TABLE, raw, nfds=2)
+    assert_names(err, "SET_MEM_TABLE", "size")

@@ -221,7 +221,11 @@ def _check_overlap(regions: tuple[MemoryRegion, ...], request: str, attr: str) -
 
 @dataclass(frozen=True, slots=True)
 class MemoryTable:
-    """The memory table of SET_MEM_TABLE: nregions, padding, then only the used regions."""
+    """The memory table of SET_MEM_TABLE: nregions, padding, then the regions.
+
+    QEMU sends only the used regions; the spec draws all eight slots, so a full-size table is
+    accepted too (its unused slots are ignored). ``encode`` writes the compact form.
+    """
 
     regions: tuple[MemoryRegion, ...]
     SIZE: ClassVar[int | None] = None
@@ -241,7 +245,8 @@ class MemoryTable:
             raise protocol_error(
                 request, "nregions", f"nregions {nregions} exceeds {MAX_MEMORY_REGIONS}"
             )
-        _check_size(data, 8 + 32 * nregions, request, f"{nregions}-region memory table")
+        if len(data) != 8 + 32 * MAX_MEMORY_REGIONS:
+            _check_size(data, 8 + 32 * nregions, request, f"{nregions}-region memory table")
         regions = tuple(
             MemoryRegion(*_REGION.unpack_from(data, 8 + 32 * i)) for i in range(nregions)
         )
