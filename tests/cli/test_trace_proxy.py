@@ -395,3 +395,29 @@ def test_event_callback_failure_does_not_stop_forwarding(tmp: Path) -> None:
     finally:
         rig.close()
     assert len(calls) == 2
+
+
+def test_backend_channel_setup_without_a_socket_is_forwarded_as_is(rig: Rig) -> None:
+    """Only a socket can become a back-end channel: any other fd goes through untouched, and
+    the next message on the main socket still flows."""
+    front, back = rig.connect()
+    r, w = os.pipe()
+    with front, back:
+        try:
+            setup = wire(Request.SET_BACKEND_REQ_FD, fds=[r])
+            socket.send_fds(front, [setup], [r])
+            data, fds = recv_exact(back, len(setup))
+            assert data == setup and len(fds) == 1
+            assert same_file(fds[0], r)
+            os.close(fds[0])
+        finally:
+            os.close(r)
+            os.close(w)
+        owner = wire(Request.SET_OWNER)
+        front.sendall(owner)
+        assert recv_exact(back, len(owner)) == (owner, [])
+    events = rig.wait_events(2)
+    assert [(e.direction, e.request, e.fds) for e in events] == [
+        (Direction.FRONT_TO_BACK, "SET_BACKEND_REQ_FD", 1),
+        (Direction.FRONT_TO_BACK, "SET_OWNER", 0),
+    ]

@@ -405,6 +405,11 @@ class QemuVM:
         """Pass a file to the guest at /sys/firmware/qemu_fw_cfg/by_name/opt/NAME/raw."""
         self.extra_args += ["-fw_cfg", f"name=opt/{name},file={path}"]
 
+    def add_trace(self, path: Path, *events: str) -> None:
+        """Log QEMU's own trace `events` (e.g. vhost_user_write) to `path`, one line each."""
+        for event in events:
+            self.extra_args += ["-trace", f"enable={event},file={path}"]
+
     def command(self) -> list[str]:
         """The qemu-system-x86_64 arguments (without the `timeout` wrapper)."""
         binary = self.binary or find_binary("qemu-system-x86_64")
