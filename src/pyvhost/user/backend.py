@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -197,6 +199,8 @@ class _Vring:
     enabled: bool = False
     kick_set: bool = False
     queue: DeviceQueue | None = None
+    areas: tuple[tuple[str, int, int], ...] = ()
+    """``(what, gpa, length)`` of the ring parts of the started queue (REM_MEM_REG checks them)."""
 
     @property
     def started(self) -> bool:
@@ -212,6 +216,18 @@ class _StateTransfer:
     data: bytes = b""
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancel_fd: int = field(default_factory=lambda: os.eventfd(0, os.EFD_CLOEXEC))
+    """Written by :meth:`cancel`: wakes the thread out of a pipe the front-end never serves."""
+
+    def cancel(self, timeout: float) -> None:
+        """Stop the transfer (the connection is closing), wait for the thread, free the eventfd."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.cancel_fd, 1)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        if self.thread is None or not self.thread.is_alive():
+            with contextlib.suppress(OSError):
+                os.close(self.cancel_fd)
 
 
 def _power_of_two(n: int) -> bool:
@@ -398,6 +414,12 @@ class BackendHandler:
             self._send(encode_reply(request, U64(1)))
             return
         log.error("%s: %s: closing the connection", self.name, what)
+        if not isinstance(exc, VhostError):
+            # handle() raises only VhostError; OSError / ValueError from a syscall or a
+            # constructor become a ProtocolError naming the request, the cause chained.
+            wrapped = ProtocolError(what, request=None)
+            wrapped.__cause__ = exc
+            exc = wrapped
         self._logged = exc
         raise exc
 
@@ -445,9 +467,9 @@ class BackendHandler:
         if self.channel is not None:
             self._safe(self.channel.close)
             self.channel = None
-        transfer = self._transfer
-        if transfer is not None and transfer.thread is not None:
-            transfer.thread.join(1.0)
+        transfer, self._transfer = self._transfer, None
+        if transfer is not None:
+            transfer.cancel(5.0)
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None
@@ -512,13 +534,23 @@ class BackendHandler:
         if self.packed:
             base = 0x8000_8000 if vring.base is None else vring.base
             avail, avail_wrap, used, used_wrap = decode_packed_base(base)
+            if avail >= num or used >= num:
+                raise ProtocolError(
+                    f"vring {i}: packed base {base:#x} has an index beyond the ring size {num}"
+                )
             tracker = region.packed_queue(i) if region is not None else None
+            desc, driver, device = self._ring_areas(
+                vring,
+                ("descriptor ring", addr.desc_user_addr, 16 * num),
+                ("driver area", addr.avail_user_addr, 4),
+                ("device area", addr.used_user_addr, 4),
+            )
             return PackedQueue(
                 self.mem,
                 num,
-                self._ring_gpa("descriptor ring", vring, addr.desc_user_addr, 16 * num),
-                self._ring_gpa("driver area", vring, addr.avail_user_addr, 4),
-                self._ring_gpa("device area", vring, addr.used_user_addr, 4),
+                desc,
+                driver,
+                device,
                 event_idx=event_idx,
                 indirect=indirect,
                 last_avail_idx=avail,
@@ -531,12 +563,18 @@ class BackendHandler:
                 inflight=tracker,
             )
         split_tracker = region.split_queue(i) if region is not None else None
+        desc, avail, used = self._ring_areas(
+            vring,
+            ("descriptor table", addr.desc_user_addr, 16 * num),
+            ("available ring", addr.avail_user_addr, 6 + 2 * num),
+            ("used ring", addr.used_user_addr, 6 + 8 * num),
+        )
         return SplitQueue(
             self.mem,
             num,
-            self._ring_gpa("descriptor table", vring, addr.desc_user_addr, 16 * num),
-            self._ring_gpa("available ring", vring, addr.avail_user_addr, 6 + 2 * num),
-            self._ring_gpa("used ring", vring, addr.used_user_addr, 6 + 8 * num),
+            desc,
+            avail,
+            used,
             event_idx=event_idx,
             indirect=indirect,
             last_avail_idx=(vring.base or 0) & 0xFFFF,
@@ -545,6 +583,12 @@ class BackendHandler:
             used_log_gpa=addr.log_guest_addr,
             inflight=split_tracker,
         )
+
+    def _ring_areas(self, vring: _Vring, *parts: tuple[str, int, int]) -> tuple[int, ...]:
+        """Translate the ring parts to gpas and remember them in ``vring.areas``."""
+        areas = tuple((what, self._ring_gpa(what, vring, uva, n), n) for what, uva, n in parts)
+        vring.areas = areas
+        return tuple(gpa for _, gpa, _ in areas)
 
     def _maybe_start(self, vring: _Vring) -> None:
         """Start the ring once it has a kick, a size, addresses and memory to translate them."""
@@ -576,7 +620,11 @@ class BackendHandler:
 
     @contextlib.contextmanager
     def _rings_paused(self) -> Iterator[None]:
-        """Stop the running rings around a memory change, then rebuild them on the new table."""
+        """Stop the running rings around a memory change, then rebuild them on the new table.
+
+        The change is committed once the body returns; a ring that no longer fits the new table
+        stays stopped (logged, its error notifier signalled) and does not stop the others.
+        """
         running = [v for v in self.vrings if v.started]
         for vring in running:
             self._stop(vring)
@@ -584,7 +632,24 @@ class BackendHandler:
             yield
         finally:
             for vring in running:
-                self._maybe_start(vring)
+                self._restart(vring)
+
+    def _restart(self, vring: _Vring) -> None:
+        try:
+            self._maybe_start(vring)
+            if vring.started:
+                return
+            reason = "no memory is mapped"
+        except (VhostError, ValueError) as exc:
+            reason = str(exc)
+        log.error(
+            "%s: vring %d stopped: it cannot restart on the new memory table: %s",
+            self.name,
+            vring.index,
+            reason,
+        )
+        with contextlib.suppress(VhostError, OSError):
+            vring.notifier.error()
 
     def _apply_log(self) -> None:
         """Attach the dirty log to guest memory while LOG_ALL is acked; detach and drop it after."""
@@ -756,12 +821,35 @@ class BackendHandler:
     def _rem_mem_reg(self, msg: Message) -> None:
         region = msg.payload_as(MemRegMsg).region
         close_fds(msg.fds)  # the spec allows one fd here, to be closed unused
+        self._check_unused(msg.name, region)
         with self._rings_paused():
             self.mem.remove_region(
                 region.guest_phys_addr, region.memory_size, region.userspace_addr
             )
             self.device.memory_changed(self.mem)
         log.info("%s: memory region removed: %s", self.name, region.describe())
+
+    def _check_unused(self, request: str, region: MemoryRegion) -> None:
+        """Refuse to remove the region a started ring lives in (nothing changes then)."""
+        match = [
+            r
+            for r in self.mem.regions
+            if (r.guest_phys_addr, r.size, r.userspace_addr)
+            == (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        ]
+        if not match:
+            return
+        start, end = match[0].guest_phys_addr, match[0].gpa_end
+        for vring in self.vrings:
+            if not vring.started:
+                continue
+            for what, gpa, length in vring.areas:
+                if gpa < end and start < gpa + length:
+                    raise ProtocolError(
+                        f"vring {vring.index} is started and its {what} (gpa {gpa:#x}) lies in "
+                        f"region gpa {start:#x} size {match[0].size:#x}: stop the ring first",
+                        request=request,
+                    )
 
     def _set_log_base(self, msg: Message) -> _Reply:
         area = msg.payload_as(Log)
@@ -935,8 +1023,14 @@ class BackendHandler:
             ) from exc
         fd = self._take_fd(msg)
         try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise ProtocolError(
+                    "the fd is not a socket (the channel is a Unix socket)",
+                    request=msg.name,
+                    field="fds",
+                )
             sock = socket.socket(fileno=fd)
-        except OSError:
+        except BaseException:
             os.close(fd)
             raise
         try:
@@ -1010,6 +1104,14 @@ class BackendHandler:
         params = msg.payload_as(DeviceStateTransfer)
         fd = self._take_fd(msg)
         try:
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
+                raise ProtocolError(
+                    f"the fd is not a pipe (file type {kind:#o}): the state is streamed "
+                    "through a pipe",
+                    request=msg.name,
+                    field="fds",
+                )
             started = [v.index for v in self.vrings if v.started]
             if started:
                 raise ProtocolError(
@@ -1018,6 +1120,9 @@ class BackendHandler:
                 )
             if self._transfer is not None and not self._transfer.done.is_set():
                 raise ProtocolError("a state transfer is already running", request=msg.name)
+            if self._transfer is not None:
+                self._transfer.cancel(1.0)
+                self._transfer = None
             data = self.device.save_state() if params.direction == _DEVICE_STATE_SAVE else b""
         except BaseException:
             os.close(fd)
@@ -1038,10 +1143,12 @@ class BackendHandler:
         if transfer is None:
             raise ProtocolError("no state transfer to check", request=msg.name)
         if not transfer.done.wait(DEVICE_STATE_TIMEOUT):
+            transfer.cancel(1.0)
             raise ProtocolError(
                 f"state transfer still running after {DEVICE_STATE_TIMEOUT:g} s",
                 request=msg.name,
             )
+        transfer.cancel(1.0)
         if transfer.error is not None:
             raise ProtocolError(f"state transfer failed: {transfer.error}", request=msg.name)
         if transfer.direction != _DEVICE_STATE_SAVE:
@@ -1085,16 +1192,46 @@ _IOTLB_UPDATE = 2
 _IOTLB_INVALIDATE = 3
 
 
+class _CancelledError(Exception):
+    """The connection closed while the state transfer was waiting on its pipe."""
+
+
+def _wait_ready(transfer: _StateTransfer, fd: int, event: int) -> None:
+    poller = select.poll()
+    poller.register(fd, event)
+    poller.register(transfer.cancel_fd, select.POLLIN)
+    while True:
+        ready = dict(poller.poll())
+        if transfer.cancel_fd in ready:
+            raise _CancelledError("state transfer cancelled: the connection closed")
+        if fd in ready:
+            return
+
+
 def _run_transfer(transfer: _StateTransfer, fd: int, data: bytes) -> None:
-    """Thread body: write ``data`` to ``fd`` (save) or read ``fd`` to EOF (load); close it."""
+    """Thread body: write ``data`` to ``fd`` (save) or read ``fd`` to EOF (load); close it.
+
+    Waits in poll() with the cancel eventfd, so a front-end that never reads or never closes
+    the pipe cannot keep the thread (and the fd) alive past the connection.
+    """
     try:
+        os.set_blocking(fd, False)
         if transfer.direction == _DEVICE_STATE_SAVE:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                _wait_ready(transfer, fd, select.POLLOUT)
+                with contextlib.suppress(BlockingIOError):
+                    view = view[os.write(fd, view) :]
         else:
             chunks = []
-            while chunk := os.read(fd, 65536):
+            while True:
+                _wait_ready(transfer, fd, select.POLLIN)
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
                 chunks.append(chunk)
             transfer.data = b"".join(chunks)
     except BaseException as exc:
