@@ -820,3 +820,25 @@ def test_serve_closes_on_garbage(no_fd_leak: None) -> None:
     thread.join(5)
     assert not thread.is_alive() and p.handler.closed
     p.fe.close()
+
+
+def test_ring_kicked_before_its_memory_starts_when_memory_arrives(peer: Peer) -> None:
+    """The kick may come first; the ring starts as soon as size, addresses and memory are there."""
+    peer.negotiate()
+    mem = GuestMemory.anonymous(1 << 20)
+    peer.mem = mem
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        peer.send(Request.SET_VRING_KICK, U64(0), fds=[efd])
+        assert peer.device.queues == {}
+        uva = mem.regions[0].userspace_addr
+        desc, avail, used, _ = split_layout(QSIZE, RING_GPA)
+        peer.send(Request.SET_VRING_NUM, VringState(0, QSIZE))
+        peer.send(Request.SET_VRING_ADDR, VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0))
+        assert peer.device.queues == {}
+        region = mem.regions[0]
+        assert region.fd is not None
+        peer.send(Request.ADD_MEM_REG, MemRegMsg(_wire(region)), fds=[region.fd])
+        assert isinstance(peer.device.queues[0][0], SplitQueue)
+    finally:
+        os.close(efd)

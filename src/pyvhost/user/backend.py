@@ -626,6 +626,7 @@ class BackendHandler:
         stays stopped (logged, its error notifier signalled) and does not stop the others.
         """
         running = [v for v in self.vrings if v.started]
+        waiting = [v for v in self.vrings if v.kick_set and not v.started]
         for vring in running:
             self._stop(vring)
         try:
@@ -633,6 +634,13 @@ class BackendHandler:
         finally:
             for vring in running:
                 self._restart(vring)
+            for vring in waiting:
+                try:
+                    self._maybe_start(vring)
+                except (VhostError, ValueError) as exc:
+                    log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
+                    with contextlib.suppress(VhostError, OSError):
+                        vring.notifier.error()
 
     def _restart(self, vring: _Vring) -> None:
         try:
@@ -884,15 +892,14 @@ class BackendHandler:
         if vring.started:
             raise ProtocolError(f"vring {state.index} is started", request=msg.name)
         vring.num = state.num
+        self._maybe_start(vring)
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = msg.payload_as(VringAddr)
         vring = self._vring(msg.name, addr.index)
-        restart = vring.started
         self._stop(vring)
         vring.addr = addr
-        if restart:
-            self._maybe_start(vring)
+        self._maybe_start(vring)
 
     def _set_vring_base(self, msg: Message) -> None:
         state = msg.payload_as(VringState)
