@@ -97,17 +97,19 @@ tracker and must not be replayed)."""
 def recover_inflight(queue: DeviceQueue) -> list[DescriptorChain]:
     """Chains a previous back-end took from ``queue`` and never completed, in pop order.
 
-    Only for a queue built over an inflight region (SET_INFLIGHT_FD); the first time a tracker is
-    seen and only if it records something in flight. The queue then resumes popping after those
-    chains (split: ``last_avail_idx = used.idx + len(chains)``; packed: the tracker's position).
+    Only for a queue built over an inflight region (SET_INFLIGHT_FD), the first time a tracker is
+    seen; for a split ring only if it records something in flight (the used index is in guest
+    memory), for a packed ring always (its position lives only in the region). The queue then
+    resumes after those chains (split: ``last_avail_idx = used.idx + len(chains)``; packed: the
+    tracker's position).
     """
     tracker = queue.inflight if isinstance(queue, SplitQueue | PackedQueue) else None
     if tracker is None or tracker in _recovered:
         return []
     _recovered.add(tracker)
     if isinstance(queue, PackedQueue) and isinstance(tracker, PackedInflightQueue):
-        if tracker.in_flight == 0:
-            return []
+        # Always: after a crash QEMU cannot tell a packed ring's position (no index in memory), so
+        # it comes from the region even when nothing was in flight (as DPDK does).
         return queue.recover_inflight()
     if isinstance(queue, SplitQueue) and isinstance(tracker, SplitInflightQueue):
         if not tracker.inflight_heads():
