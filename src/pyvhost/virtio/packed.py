@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import DescriptorChain
+from pyvhost.virtio.chain import EMPTY, DescriptorChain
 from pyvhost.virtio.inflight import PackedInflightHooks, PackedInflightQueue
 from pyvhost.virtio.memory import GuestMemory
 
@@ -80,6 +80,7 @@ _DESC_BODY = struct.Struct("<QIH")  # addr, len, id: all but the flags
 _USED_BODY = struct.Struct("<IH")  # len, id, at offset 8 of a used descriptor
 _FLAGS = 7  # index of a descriptor's flags in the ring cast to u16
 _BOTH = DESC_F_AVAIL | DESC_F_USED
+_new = object.__new__
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
     raise ImportError("pyvhost.virtio.packed needs a little-endian host (native flags access)")
@@ -364,14 +365,94 @@ class PackedQueue:
         return chain
 
     def pop_batch(self, max_n: int) -> list[DescriptorChain]:
-        """Up to ``max_n`` available chains."""
+        """Up to ``max_n`` available chains.
+
+        One-descriptor chains inside a one-region memory are built inline (a bare instance, the
+        shared :data:`EMPTY` list for the absent side), as the split ring does; any other shape
+        goes through :meth:`pop`, which validates it in full.
+        """
+        self._check_broken()
         out: list[DescriptorChain] = []
-        pop = self.pop
-        while len(out) < max_n:
-            chain = pop()
-            if chain is None:
-                break
-            out.append(chain)
+        starts, sizes, views = self._mem.fast_table()
+        if len(starts) != 1:
+            pop = self.pop
+            while len(out) < max_n:
+                chain = pop()
+                if chain is None:
+                    break
+                out.append(chain)
+            return out
+        base, extent, view = starts[0], sizes[0], views[0]
+        ring = self._ring
+        ring16 = self._ring16
+        unpack = _DESC.unpack_from
+        outstanding = self._outstanding
+        inflight = self._inflight
+        size = self.size
+        new = _new
+        cls = DescriptorChain
+        empty = EMPTY
+        append = out.append
+        pos = self._avail
+        wrap = self._avail_wrap
+        taken = 0
+        try:
+            while len(out) < max_n:
+                first = ring16[(pos << 3) + _FLAGS]
+                if (first & _BOTH) != (DESC_F_AVAIL if wrap else DESC_F_USED):
+                    break
+                simple = not first & (DESC_F_NEXT | DESC_F_INDIRECT)
+                if simple:  # one descriptor: read it; a longer chain is left to pop()
+                    if RW_BARRIERS_NEEDED:
+                        read_barrier()
+                    desc = unpack(ring, pos << 4)
+                    addr, length, buf_id, flags = desc
+                    off = addr - base
+                    simple = (
+                        not flags & (DESC_F_NEXT | DESC_F_INDIRECT)
+                        and length > 0
+                        and off >= 0
+                        and off + length <= extent
+                        and buf_id < size
+                        and buf_id not in outstanding
+                    )
+                if not simple:
+                    self._avail, self._avail_wrap = pos, wrap
+                    chain = self.pop()  # the full checks, and the precise error if there is one
+                    if chain is None:  # pragma: no cover - the flags said available just now
+                        break
+                    append(chain)
+                    pos, wrap = self._avail, self._avail_wrap
+                    continue
+                c = new(cls)
+                c.head = buf_id
+                if flags & DESC_F_WRITE:
+                    gpas = [(addr, length)]
+                    c.readable = empty
+                    c.writable = [view[off : off + length]]
+                    c.read_len = 0
+                    c.write_len = length
+                else:
+                    gpas = empty
+                    c.readable = [view[off : off + length]]
+                    c.writable = empty
+                    c.read_len = length
+                    c.write_len = 0
+                c.writable_gpas = gpas
+                c.desc_count = 1
+                if inflight is not None:
+                    inflight.on_pop([desc], self._used, self._used_wrap)
+                outstanding[buf_id] = (1, gpas)
+                append(c)
+                taken += 1
+                pos += 1
+                if pos == size:
+                    pos = 0
+                    wrap = not wrap
+        finally:
+            self._avail, self._avail_wrap = pos, wrap
+        if taken and self.event_idx and self._notify_enabled:
+            self._set_device_event(pos | wrap << EVENT_WRAP_SHIFT, RING_EVENT_FLAGS_DESC)
         return out
 
     def resubmit(self, descriptors: Sequence[tuple[int, int, int, int]]) -> DescriptorChain:
@@ -443,6 +524,8 @@ class PackedQueue:
         writable_gpas: list[tuple[int, int]] = []
         read_len = write_len = 0
         seen_write = False
+        one_region = len(starts) == 1
+        base, extent = (starts[0], sizes[0]) if one_region else (0, 0)
         for k, (addr, length, _, flags) in enumerate(elements):
             if flags & DESC_F_INDIRECT:
                 if what == "descriptor":
@@ -456,6 +539,17 @@ class PackedQueue:
                 )
             if not length:
                 continue
+            if one_region:  # the usual case: no bisect, no one-item list per descriptor
+                off = addr - base
+                if off >= 0 and off + length <= extent:
+                    if flags & DESC_F_WRITE:
+                        writable.append(views[0][off : off + length])
+                        writable_gpas.append((addr, length))
+                        write_len += length
+                    else:
+                        readable.append(views[0][off : off + length])
+                        read_len += length
+                    continue
             r = bisect_right(starts, addr) - 1
             off = addr - starts[r] if r >= 0 else -1
             if r >= 0 and off + length <= sizes[r]:

@@ -30,7 +30,7 @@ from itertools import chain as chain_items
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import DescriptorChain
+from pyvhost.virtio.chain import EMPTY, DescriptorChain
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.queue import SplitInflightHooks
 
@@ -60,6 +60,7 @@ _U32_LIMIT = 1 << 32
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_new = object.__new__
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
     raise ImportError("pyvhost.virtio.split needs a little-endian host (native ring index access)")
@@ -306,38 +307,187 @@ class SplitQueue:
             self._set_avail_event(last)
         return out
 
+    def _descriptor_columns(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The whole descriptor table as four lists: addr, len, flags, next (one read each).
+
+        Cheaper than one struct unpack per descriptor once a batch covers a good part of the
+        ring; the values are a snapshot taken after avail.idx was read, as per-head reads are.
+        """
+        desc = self._desc
+        return (
+            desc.cast("Q")[0::2].tolist(),
+            desc.cast("I")[2::4].tolist(),
+            desc.cast("H")[6::8].tolist(),
+            desc.cast("H")[7::8].tolist(),
+        )
+
     def _pop_single_region(
         self,
         heads: list[int],
         table: tuple[list[int], list[int], list[memoryview]],
         out: list[DescriptorChain],
     ) -> None:
-        """Append the chains of ``heads`` to ``out``, one-region memory (the common case)."""
+        """Append the chains of ``heads`` to ``out``, one-region memory (the common case).
+
+        The per-chain cost is Python object churn, so this path makes as few objects as it can:
+        descriptors come from one read of the whole table when the batch is large (else one
+        unpack each), chains are filled into a bare instance (no ``__init__`` call), and the
+        absent side of a one-descriptor chain is the shared :data:`EMPTY` list. Anything but
+        direct descriptors inside the region goes to ``_parse``.
+        """
         base = table[0][0]
         extent = table[1][0]
         view = table[2][0]
         size = self.size
+        parse = self._parse
+        cls = DescriptorChain
+        new = _new
+        empty = EMPTY
+        append = out.append
+        if len(heads) * 8 >= size:
+            columns = self._descriptor_columns()
+            addrs, lens, flagss, _ = columns
+            direct = self._direct_one_region
+            for head in heads:
+                if head < size:
+                    flags = flagss[head]
+                    if not flags & 5:  # neither NEXT nor INDIRECT
+                        length = lens[head]
+                        addr = addrs[head]
+                        off = addr - base
+                        if length and off >= 0 and off + length <= extent:
+                            c = new(cls)
+                            c.head = head
+                            if flags & VRING_DESC_F_WRITE:
+                                c.readable = empty
+                                c.writable = [view[off : off + length]]
+                                c.read_len = 0
+                                c.write_len = length
+                                c.writable_gpas = [(addr, length)]
+                            else:
+                                c.readable = [view[off : off + length]]
+                                c.writable = empty
+                                c.read_len = length
+                                c.write_len = 0
+                                c.writable_gpas = empty
+                            c.desc_count = 1
+                            append(c)
+                            continue
+                    elif not flags & VRING_DESC_F_INDIRECT:
+                        chain = direct(head, base, extent, view, columns)
+                        if chain is not None:
+                            append(chain)
+                            continue
+                append(parse(head, table))
+            return
         desc = self._desc
         unpack = _DESC.unpack_from
-        parse = self._parse
-        chain_cls = DescriptorChain
-        append = out.append
+        direct = self._direct_one_region
         for head in heads:
             if head < size:
                 addr, length, flags, _ = unpack(desc, head << 4)
                 off = addr - base
-                # One direct descriptor (no NEXT, no INDIRECT) inside the region.
-                if not flags & 5 and length and off >= 0 and off + length <= extent:
+                if flags & 5:  # NEXT or INDIRECT
+                    if not flags & VRING_DESC_F_INDIRECT:
+                        chain = direct(head, base, extent, view, None)
+                        if chain is not None:
+                            append(chain)
+                            continue
+                elif length and off >= 0 and off + length <= extent:
+                    c = new(cls)
+                    c.head = head
                     if flags & VRING_DESC_F_WRITE:
-                        append(
-                            chain_cls(
-                                head, [], [view[off : off + length]], 0, length, [(addr, length)], 1
-                            )
-                        )
+                        c.readable = empty
+                        c.writable = [view[off : off + length]]
+                        c.read_len = 0
+                        c.write_len = length
+                        c.writable_gpas = [(addr, length)]
                     else:
-                        append(chain_cls(head, [view[off : off + length]], [], length, 0, [], 1))
+                        c.readable = [view[off : off + length]]
+                        c.writable = empty
+                        c.read_len = length
+                        c.write_len = 0
+                        c.writable_gpas = empty
+                    c.desc_count = 1
+                    append(c)
                     continue
             append(parse(head, table))
+
+    def _direct_one_region(
+        self,
+        head: int,
+        base: int,
+        extent: int,
+        view: memoryview,
+        columns: tuple[list[int], list[int], list[int], list[int]] | None,
+    ) -> DescriptorChain | None:
+        """The chain at ``head`` if it is direct descriptors within the one region, else None.
+
+        Reads the ``columns`` of :meth:`_descriptor_columns`, or the table itself when None.
+        Never raises for a bad chain: anything unusual (indirect, outside the region, a loop,
+        readable after writable, too long) returns None and ``_parse`` walks the chain again,
+        raising the precise error.
+        """
+        if columns is not None:
+            addrs, lens, flagss, nexts = columns
+        desc = self._desc
+        unpack = _DESC.unpack_from
+        size = self.size
+        limit = self._max_chain
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        gpas: list[tuple[int, int]] = []
+        read_len = write_len = 0
+        seen_write = False
+        count = 0
+        index = head
+        while True:
+            count += 1
+            if count > limit:
+                return None
+            if columns is None:
+                addr, length, flags, nxt = unpack(desc, index << 4)
+            else:
+                addr = addrs[index]
+                length = lens[index]
+                flags = flagss[index]
+                nxt = nexts[index]
+            if flags & VRING_DESC_F_INDIRECT:
+                return None
+            if flags & VRING_DESC_F_WRITE:
+                seen_write = True
+                if length:
+                    off = addr - base
+                    if off < 0 or off + length > extent:
+                        return None
+                    writable.append(view[off : off + length])
+                    gpas.append((addr, length))
+                    write_len += length
+            else:
+                if seen_write:
+                    return None
+                if length:
+                    off = addr - base
+                    if off < 0 or off + length > extent:
+                        return None
+                    readable.append(view[off : off + length])
+                    read_len += length
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            index = nxt
+            if index >= size:
+                return None
+        if read_len + write_len > _U32_LIMIT:
+            return None
+        c = _new(DescriptorChain)
+        c.head = head
+        c.readable = readable
+        c.writable = writable
+        c.read_len = read_len
+        c.write_len = write_len
+        c.writable_gpas = gpas
+        c.desc_count = count
+        return c
 
     def _parse(
         self, head: int, table: tuple[list[int], list[int], list[memoryview]]
@@ -356,10 +506,26 @@ class SplitQueue:
             if r >= 0:
                 off = addr - starts[r]
                 if off + length <= sizes[r] and length:
-                    piece = views[r][off : off + length]
+                    c = _new(DescriptorChain)
+                    c.head = head
                     if flags & VRING_DESC_F_WRITE:
-                        return DescriptorChain(head, [], [piece], 0, length, [(addr, length)], 1)
-                    return DescriptorChain(head, [piece], [], length, 0, [], 1)
+                        c.readable = EMPTY
+                        c.writable = [views[r][off : off + length]]
+                        c.read_len = 0
+                        c.write_len = length
+                        c.writable_gpas = [(addr, length)]
+                    else:
+                        c.readable = [views[r][off : off + length]]
+                        c.writable = EMPTY
+                        c.read_len = length
+                        c.write_len = 0
+                        c.writable_gpas = EMPTY
+                    c.desc_count = 1
+                    return c
+        elif len(starts) == 1 and not flags & VRING_DESC_F_INDIRECT:
+            chain = self._direct_one_region(head, starts[0], sizes[0], views[0], None)
+            if chain is not None:
+                return chain
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         writable_gpas: list[tuple[int, int]] = []
