@@ -14,7 +14,9 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from peers.qemu import PeerProcess
 
@@ -26,6 +28,16 @@ _INFLIGHT_REPLY = re.compile(
     r"-> GET_INFLIGHT_FD reply mmap_size=(0x[0-9a-f]+) .*num_queues=(\d+) queue_size=(\d+)"
 )
 _STOPPED = re.compile(r"vring (\d+) stopped at base (0x[0-9a-f]+)")
+_MEM_REGION = re.compile(
+    r"gpa=(0x[0-9a-f]+) size=(0x[0-9a-f]+) uaddr=(0x[0-9a-f]+) offset=(0x[0-9a-f]+)"
+)
+_VRING_ADDR = re.compile(
+    r"<- SET_VRING_ADDR index=(\d+) flags=\S+ desc=(0x[0-9a-f]+) used=(0x[0-9a-f]+)"
+)
+GUEST_RAM_MEMFD = "/memfd:memory-backend-memfd"
+"""How QEMU's ``memory-backend-memfd`` guest RAM shows in a back-end's /proc/PID/maps."""
+DESC_F_AVAIL = 1 << 7
+DESC_F_USED = 1 << 15
 
 
 def serve_blk(
@@ -111,6 +123,57 @@ def inflight_mappings(pid: int) -> list[Path]:
     return found
 
 
+class RingReader(Protocol):
+    """What `to_resubmit` needs to know of the rings in guest memory."""
+
+    def split_used_idx(self, queue: int) -> int: ...
+
+    def packed_desc_flags(self, queue: int, slot: int) -> int: ...
+
+
+class GuestRings:
+    """A back-end's vrings in guest RAM, read through its mapping of QEMU's memfd; the ring and
+    region addresses are those its ``-vv`` log shows it received on the current connection."""
+
+    def __init__(self, pid: int, log: str) -> None:
+        session = log.rsplit("front-end connected", 1)[-1]
+        self.regions = [
+            (int(uaddr, 16), int(size, 16), int(offset, 16))
+            for _, size, uaddr, offset in _MEM_REGION.findall(session)
+        ]
+        self.rings = {
+            int(index): (int(desc, 16), int(used, 16))
+            for index, desc, used in _VRING_ADDR.findall(session)
+        }
+        self.ram: Path | None = None
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(GUEST_RAM_MEMFD):
+                self.ram = Path(f"/proc/{pid}/map_files/{fields[0]}")
+        if self.ram is None or not self.regions or not self.rings:
+            raise AssertionError(
+                f"pid {pid}: guest RAM not found (mapping {self.ram}, {len(self.regions)} "
+                f"regions, vrings {sorted(self.rings)} in the log)"
+            )
+
+    def read(self, uaddr: int, length: int) -> bytes:
+        """`length` bytes at front-end address `uaddr`."""
+        assert self.ram is not None
+        for start, size, offset in self.regions:
+            if start <= uaddr and uaddr + length <= start + size:
+                with open(self.ram, "rb") as f:
+                    return os.pread(f.fileno(), length, offset + uaddr - start)
+        raise AssertionError(f"address {uaddr:#x} is in no memory region {self.regions}")
+
+    def split_used_idx(self, queue: int) -> int:
+        """``idx`` of a split queue's used ring (after its 16-bit ``flags``)."""
+        return int.from_bytes(self.read(self.rings[queue][1] + 2, 2), "little")
+
+    def packed_desc_flags(self, queue: int, slot: int) -> int:
+        """``flags`` of a packed ring's descriptor `slot` (addr u64, len u32, id u16, flags u16)."""
+        return int.from_bytes(self.read(self.rings[queue][0] + 16 * slot + 14, 2), "little")
+
+
 def in_flight(region: bytes, queue_size: int, packed: bool) -> int:
     """Descriptors marked in flight in an inflight region (all queues): the first byte of every
     descriptor entry is its ``inflight`` flag. 0 for a region of the other format's size."""
@@ -122,6 +185,49 @@ def in_flight(region: bytes, queue_size: int, packed: bool) -> int:
     for base in range(0, len(region), per_queue):
         for i in range(queue_size):
             count += region[base + header + entry * i] != 0
+    return count
+
+
+def to_resubmit(region: bytes, queue_size: int, packed: bool, rings: RingReader) -> int:
+    """Descriptors a back-end taking this region over must resubmit (all queues), after the
+    spec's reconnect steps: a batch the dead back-end had already published to the driver (or a
+    chain it had not finished recording) is not in flight even though its flag is still set."""
+    per_queue = packed_region_size(queue_size) if packed else split_region_size(queue_size)
+    if len(region) % per_queue:
+        return 0
+    count = 0
+    for queue, base in enumerate(range(0, len(region), per_queue)):
+
+        def half(off: int, base: int = base) -> int:
+            """The u16 at `off` in this queue's part of the region."""
+            return int.from_bytes(region[base + off : base + off + 2], "little")
+
+        if packed:
+            flags = [region[base + 32 + 32 * i] for i in range(queue_size)]
+            free_head, old_free_head = half(12), half(14)
+            used = (half(16), region[base + 20])
+            old_used = (half(18), region[base + 21])
+            if used != old_used:
+                still = DESC_F_AVAIL if old_used[1] else DESC_F_USED
+                ring = rings.packed_desc_flags(queue, old_used[0] % queue_size)
+                if ring & (DESC_F_AVAIL | DESC_F_USED) != still:
+                    old_free_head = free_head
+            i = old_free_head
+            for _ in range(queue_size):
+                if i >= queue_size:
+                    break
+                flags[i] = 0
+                i = half(32 + 32 * i + 2)
+        else:
+            flags = [region[base + 16 + 16 * i] for i in range(queue_size)]
+            ring_idx = rings.split_used_idx(queue)
+            i = half(12)
+            for _ in range(min((ring_idx - half(14)) & 0xFFFF, queue_size)):
+                if i >= queue_size:
+                    break
+                flags[i] = 0
+                i = half(16 + 16 * i + 6)
+        count += sum(1 for f in flags if f)
     return count
 
 
@@ -138,44 +244,68 @@ def _wait_stopped(pid: int, timeout: float = 5) -> None:
     raise AssertionError(f"pid {pid} did not stop within {timeout} s")
 
 
+def wait_started(proc: PeerProcess, timeout: float = 30) -> None:
+    """Wait until the back-end's latest front-end connection has started vring 0."""
+    deadline = time.monotonic() + timeout
+    while "vring 0 started" not in proc.stderr.rsplit("front-end connected", 1)[-1]:
+        if proc.returncode is not None:
+            raise AssertionError(
+                f"{proc.name} exited with {proc.returncode} before vring 0 started:\n"
+                f"{proc.stderr[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.name}: no vring started within {timeout:g} s")
+        time.sleep(0.01)
+
+
 def kill_at(
     proc: PeerProcess,
     *,
     want_in_flight: bool,
     queue_size: int,
     packed: bool,
-    attempts: int = 1500,
+    within: float = 20,
+    describe: Callable[[], str] | None = None,
 ) -> int:
     """SIGKILL the back-end at a moment its inflight region shows requests in flight (or none).
 
-    The process is frozen with SIGSTOP, its region read through /proc, and either killed there or
-    let go (SIGCONT) for a few milliseconds before the next look. Returns the in-flight count it
-    was killed with; raises AssertionError if no such moment came in `attempts` looks.
+    In flight: what a successor must resubmit (`to_resubmit`); none: no ``inflight`` flag set at
+    all. The process is frozen with SIGSTOP, its region read through /proc, and either killed
+    there or let go (SIGCONT) for a few milliseconds before the next look. Returns the in-flight
+    count it was killed with; raises AssertionError if no such moment came within `within`
+    seconds of looking, with what `describe` says (e.g. what the guest was doing) appended.
     """
     pid = main_pid(proc)
     assert proc.pid is not None
-    deadline = time.monotonic() + 30
-    while "vring 0 started" not in proc.stderr.rsplit("front-end connected", 1)[-1]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{proc.name}: no vring started within 30 s")
-        time.sleep(0.01)
-    regions = 0
-    for attempt in range(attempts):
+    wait_started(proc)
+    rings = GuestRings(pid, proc.stderr)
+    started = time.monotonic()
+    looks = regions = most = 0
+    while looks == 0 or time.monotonic() - started < within:
+        looks += 1
         os.kill(pid, signal.SIGSTOP)
         _wait_stopped(pid)
-        counts = []
+        marked, pending = [], []
         for path in inflight_mappings(pid):
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                counts.append(in_flight(bytes(m), queue_size, packed))
-        if counts and (max(counts) > 0) == want_in_flight:
+                region = bytes(m)
+            marked.append(in_flight(region, queue_size, packed))
+            pending.append(to_resubmit(region, queue_size, packed, rings))
+        regions = len(marked)
+        most = max([most, *pending])
+        if marked and (max(pending) > 0 if want_in_flight else max(marked) == 0):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.stop()
-            print(f"{proc.name}: killed after {attempt + 1} looks with {max(counts)} in flight")
-            return max(counts)
+            print(
+                f"{proc.name}: killed after {looks} looks with {max(pending)} in flight "
+                f"({max(marked)} marked)"
+            )
+            return max(pending)
         os.kill(pid, signal.SIGCONT)
-        time.sleep(0.001 + 0.001 * (attempt % 5))
-    os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001 + 0.001 * (looks % 5))
     raise AssertionError(
         f"{proc.name}: never saw {'a request' if want_in_flight else 'no request'} in flight "
-        f"in {attempts} looks ({regions} inflight regions mapped)"
+        f"in {looks} looks over {within:g} s ({regions} inflight regions mapped at the last "
+        f"look, at most {most} requests to resubmit at any look)"
+        + (f"; {describe()}" if describe else "")
     )
