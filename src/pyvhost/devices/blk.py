@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pyvhost.closing import Closing
 from pyvhost.daemon.device import BATCH, DEFAULT_RING_FEATURES, Device
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.chain import DescriptorChain
@@ -284,7 +285,7 @@ def _unsupp(reason: str) -> _RequestError:
     return _RequestError(VIRTIO_BLK_S_UNSUPP, reason)
 
 
-class BlkBackend:
+class BlkBackend(Closing):
     """Executes virtio-blk requests against an open image fd; thread-safe, stateless per request.
 
     ``fd`` is owned by the backend (closed by :meth:`close`). ``capacity`` is in bytes, a multiple
@@ -357,12 +358,6 @@ class BlkBackend:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def __enter__(self) -> BlkBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- description ----------------------------------------------------------------------------
 

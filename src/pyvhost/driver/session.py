@@ -30,9 +30,9 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Self
 
+from pyvhost.closing import Closing
 from pyvhost.errors import (
     ConnectionClosedError,
     GuestMemoryError,
@@ -156,7 +156,7 @@ class _Queue:
     done: list[tuple[int, int]] = field(default_factory=list)
 
 
-class DriverSession:
+class DriverSession(Closing):
     """Front-end plus guest driver over one Unix socket; see the module docstring for reconnect.
 
     Single-threaded: one thread submits, kicks and waits. ``submit`` returns a token; ``wait``
@@ -714,14 +714,3 @@ class DriverSession:
             os.close(self._inflight_fd)
             self._inflight_fd = None
         self.mem.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

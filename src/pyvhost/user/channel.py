@@ -13,9 +13,8 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
+from pyvhost.closing import Closing
 from pyvhost.errors import ConnectionClosedError, ProtocolError, ReplyError, UnsupportedRequestError
 from pyvhost.user.connection import Connection
 from pyvhost.user.messages import (
@@ -58,7 +57,7 @@ def _check_index(name: str, index: int) -> None:
         raise ValueError(f"{name}: vring index {index} is not in 0..{VRING_INDEX_MASK}")
 
 
-class Channel:
+class Channel(Closing):
     """Back-end side of the ``BACKEND_REQ`` channel: one method per back-end request.
 
     With ``reply_ack`` (REPLY_ACK negotiated) every request that has no reply of its own is
@@ -90,17 +89,6 @@ class Channel:
         """Close the channel socket; later requests raise ConnectionClosedError."""
         self._closed = True
         self.conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- requests --------------------------------------------------------------------------
 
@@ -224,7 +212,7 @@ ShmemMapCallback = Callable[[MMapRequest, int], Status]
 ShmemUnmapCallback = Callable[[MMapRequest], Status]
 
 
-class BackendRequestHandler:
+class BackendRequestHandler(Closing):
     """Front-end side of the ``BACKEND_REQ`` channel: serves back-end requests in a thread.
 
     Each request is decoded and handed to its callback (``on_*`` keyword arguments); the
@@ -315,17 +303,6 @@ class BackendRequestHandler:
             self._thread.join(timeout)
         if conn is not None:
             conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- serving -----------------------------------------------------------------------------
 

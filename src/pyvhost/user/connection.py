@@ -18,9 +18,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
+from pyvhost.closing import Closing
 from pyvhost.errors import ConnectionClosedError, ProtocolError
 from pyvhost.user.messages import (
     HEADER_SIZE,
@@ -55,7 +54,7 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
-class Connection:
+class Connection(Closing):
     """A connected AF_UNIX SOCK_STREAM socket speaking vhost-user; owns the socket.
 
     Sends are serialised by a lock so two threads never interleave a message; receiving is
@@ -87,17 +86,6 @@ class Connection:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- sending -------------------------------------------------------------------------
 
@@ -223,7 +211,7 @@ class Connection:
         )
 
 
-class Listener:
+class Listener(Closing):
     """A listening Unix socket at ``path``; accepts vhost-user connections.
 
     A stale socket file at ``path`` is removed first; any other kind of file is left alone
@@ -273,17 +261,6 @@ class Listener:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 _RETRY_ERRNOS = (errno.ENOENT, errno.ECONNREFUSED)

@@ -16,9 +16,9 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self
 
+from pyvhost.closing import Closing
 from pyvhost.errors import (
     ConnectionClosedError,
     ProtocolError,
@@ -109,7 +109,7 @@ class NegotiationResult:
     backend_handler: BackendRequestHandler | None
 
 
-class Frontend:
+class Frontend(Closing):
     """A vhost-user front-end on one connection; owns the connection.
 
     ``check_features=False`` turns the feature gates off (to test how a back-end copes with
@@ -183,17 +183,6 @@ class Frontend:
         handler, self.backend_handler = self.backend_handler, None
         if handler is not None:
             handler.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- gates -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pyvhost.closing import Closing
 from pyvhost.errors import InflightError
 
 __all__ = [
@@ -468,7 +469,7 @@ class PackedInflightQueue(_QueueViews):
         return self._entries()
 
 
-class InflightRegion:
+class InflightRegion(Closing):
     """The whole shared region (an ``mmap`` of a memfd) and one tracker per queue."""
 
     def __init__(
@@ -675,9 +676,3 @@ class InflightRegion:
         with contextlib.suppress(BufferError):
             buf.close()
         os.close(self.fd)
-
-    def __enter__(self) -> InflightRegion:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

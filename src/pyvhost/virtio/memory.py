@@ -16,9 +16,9 @@ import weakref
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import NamedTuple
 
+from pyvhost.closing import Closing
 from pyvhost.errors import GuestMemoryError
 
 __all__ = [
@@ -315,7 +315,7 @@ class DirtyLog:
             raise
 
 
-class GuestMemory:
+class GuestMemory(Closing):
     """The guest's memory as a table of mapped regions, with GPA and front-end VA translation.
 
     Translations may run on other threads while the table changes: each sees the old or the new
@@ -475,17 +475,6 @@ class GuestMemory:
         """Unmap every region and the dirty log."""
         self.clear()
         self.set_log(None)
-
-    def __enter__(self) -> GuestMemory:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __iter__(self) -> Iterator[Region]:
         return iter(self._regions)
