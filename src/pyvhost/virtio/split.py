@@ -380,6 +380,8 @@ class SplitQueue:
                             continue
                 append(parse(head, table))
             return
+        # Small batches: one unpack per head. The one-descriptor chain is built inline here as in
+        # the loop above, on purpose: a helper call per chain costs more than the rest of it.
         desc = self._desc
         unpack = _DESC.unpack_from
         direct = self._direct_one_region
