@@ -51,8 +51,15 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
 def test_help_lists_the_tools(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
-    assert "trace" in out
+    for tool in ("serve", "probe", "trace", "exercise", "demo"):
+        assert tool in out
     assert "--verbose" in out
+
+
+@pytest.mark.parametrize("module", cli_main.TOOL_MODULES)
+def test_every_tool_module_exists(module: str) -> None:
+    """main.py skips missing tool modules; every one it lists must be there."""
+    assert importlib.util.find_spec(module) is not None, f"{module} is missing"
 
 
 def test_probe_is_registered(capsys: pytest.CaptureFixture[str]) -> None:
