@@ -12,6 +12,8 @@ Run as ``python bench/bench_negotiation.py [--seconds 3] [--queues 1]``.
 from __future__ import annotations
 
 import argparse
+import logging
+import multiprocessing
 import os
 import shutil
 import struct
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pyvhost.daemon import Daemon
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import socketpair
 from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
@@ -98,20 +101,53 @@ def rate(run_once: Callable[[], None], seconds: float) -> float:
     return done / elapsed
 
 
-def ours(mem: GuestMemory, num_queues: int) -> None:
-    a, b = socketpair()
-    device = ConfigOnlyDevice(
+def _device(num_queues: int) -> ConfigOnlyDevice:
+    return ConfigOnlyDevice(
         blk_config(num_queues),
         features=BLK_FEATURES,
         num_queues=num_queues,
         protocol_features=QEMU_BLK_PROTOCOL,
     )
-    handler = BackendHandler(device, b)
+
+
+def ours_in_thread(mem: GuestMemory, num_queues: int) -> None:
+    """Handler in a thread of this process: both ends share one GIL."""
+    a, b = socketpair()
+    handler = BackendHandler(_device(num_queues), b)
     thread = threading.Thread(target=handler.serve)
     thread.start()
     with Frontend(a) as fe:
         negotiate(fe, mem, num_queues)
     thread.join()
+
+
+def _serve(path: str, num_queues: int) -> None:
+    logging.disable(logging.CRITICAL)
+    Daemon(lambda: _device(num_queues), path).run()
+
+
+def ours_in_process(mem: GuestMemory, num_queues: int, seconds: float) -> float:
+    """A Daemon in its own process on a Unix socket: measured exactly as qemu-storage-daemon is."""
+    workdir = Path(tempfile.mkdtemp(prefix="pvh-bn-", dir="/tmp"))
+    sock = workdir / "pyvhost.sock"
+    child = multiprocessing.get_context("fork").Process(target=_serve, args=(str(sock), num_queues))
+    child.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if not child.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the pyvhost back-end process did not start")
+            time.sleep(0.02)
+
+        def once() -> None:
+            with Frontend.connect(sock) as fe:
+                negotiate(fe, mem, num_queues)
+
+        return rate(once, seconds)
+    finally:
+        child.terminate()
+        child.join(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def storage_daemon(
@@ -175,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queues", type=int, default=1)
     args = parser.parse_args(argv)
     with GuestMemory.anonymous(MEM_SIZE) as mem:
-        mine = rate(lambda: ours(mem, args.queues), args.seconds)
-        print(f"BackendHandler (socketpair, thread)  {mine:>8,.1f} negotiations/s")
+        threaded = rate(lambda: ours_in_thread(mem, args.queues), args.seconds)
+        print(f"BackendHandler (socketpair, same process) {threaded:>8,.1f} negotiations/s")
+        mine = ours_in_process(mem, args.queues, args.seconds)
+        print(f"pyvhost Daemon (unix socket, own process) {mine:>8,.1f} negotiations/s")
         theirs, why = storage_daemon(mem, args.queues, args.seconds)
     if theirs is None:
         print(f"qemu-storage-daemon: skipped ({why})")
         return 0
-    print(f"qemu-storage-daemon (unix socket)     {theirs:>8,.1f} negotiations/s")
-    print(f"ratio BackendHandler / qemu-storage-daemon: {mine / theirs:.2f}")
+    print(f"qemu-storage-daemon (unix socket)         {theirs:>8,.1f} negotiations/s")
+    print(f"ratio pyvhost Daemon / qemu-storage-daemon: {mine / theirs:.2f}")
     return 0
 
 

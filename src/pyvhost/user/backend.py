@@ -373,7 +373,8 @@ class BackendHandler:
     def _handle(self, msg: Message) -> None:
         if not isinstance(msg.request, Request) or msg.is_reply:
             raise ProtocolError(f"{msg.name}: not a front-end request")
-        log.debug("%s: <- %s", self.name, msg.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: <- %s", self.name, msg.describe())
         if self.trace is not None:
             self.trace(msg)
         request = msg.request
@@ -431,7 +432,8 @@ class BackendHandler:
                 close_fds(list(reply.fds))
 
     def _send(self, reply: Message) -> None:
-        log.debug("%s: -> %s", self.name, reply.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: -> %s", self.name, reply.describe())
         self.conn.send(reply)
 
     def serve(self) -> None:

@@ -341,7 +341,8 @@ class BackendRequestHandler(Closing):
             conn.close()
 
     def _handle(self, conn: Connection, msg: Message) -> None:
-        log.debug("%s: %s", self.name, msg.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s", self.name, msg.describe())
         assert isinstance(msg.request, BackendRequest)
         if msg.request is BackendRequest.SHARED_OBJECT_LOOKUP:
             self._lookup(conn, msg)
