@@ -46,7 +46,8 @@ class Frame:
     fds: list[int] = field(default_factory=list)
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds carried by SCM_RIGHTS control messages (``socket.recvmsg`` ancillary data)."""
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -134,7 +135,7 @@ class Connection(Closing):
                 n, ancdata, flags, _ = self._sock.recvmsg_into([view[got:]], _ANC_SIZE)
             except ConnectionResetError:
                 n, ancdata, flags = 0, [], 0
-            fds.extend(_fds_from(ancdata))
+            fds.extend(fds_from_ancdata(ancdata))
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(
                     f"control data truncated in the {what}: more than {MAX_FDS} fds sent",

@@ -307,15 +307,21 @@ class Frontend(Closing):
 
     def set_features(self, features: int) -> None:
         """SET_FEATURES: acknowledge ``features`` (must be offered, when checks are on)."""
-        if self.check_features and self.offered_features is not None:
-            extra = features & ~self.offered_features
-            if extra:
-                raise UnsupportedRequestError(
-                    f"SET_FEATURES: features {extra:#x} were not offered by the back-end "
-                    f"({self.offered_features:#x})"
-                )
+        self._check_offered(Request.SET_FEATURES, "features", features, self.offered_features)
         self._call(Request.SET_FEATURES, U64(features))
         self.features = features
+
+    def _check_offered(
+        self, request: Request, what: str, features: int, offered: int | None
+    ) -> None:
+        """Refuse to acknowledge bits the back-end did not offer (when checks are on)."""
+        if not self.check_features or offered is None:
+            return
+        extra = features & ~offered
+        if extra:
+            raise UnsupportedRequestError(
+                f"{request.name}: {what} {extra:#x} were not offered by the back-end ({offered:#x})"
+            )
 
     def get_protocol_features(self) -> int:
         """GET_PROTOCOL_FEATURES (only legal if GET_FEATURES offered bit 30)."""
@@ -326,13 +332,12 @@ class Frontend(Closing):
     def set_protocol_features(self, features: int) -> None:
         """SET_PROTOCOL_FEATURES: enable ``features`` (must be offered, when checks are on)."""
         self._require_protocol_features_bit(Request.SET_PROTOCOL_FEATURES)
-        if self.check_features and self.offered_protocol_features is not None:
-            extra = features & ~self.offered_protocol_features
-            if extra:
-                raise UnsupportedRequestError(
-                    f"SET_PROTOCOL_FEATURES: protocol features {extra:#x} were not offered "
-                    f"by the back-end ({self.offered_protocol_features:#x})"
-                )
+        self._check_offered(
+            Request.SET_PROTOCOL_FEATURES,
+            "protocol features",
+            features,
+            self.offered_protocol_features,
+        )
         self._call(Request.SET_PROTOCOL_FEATURES, U64(features))
         self.protocol_features = features
 

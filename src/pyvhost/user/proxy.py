@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from pyvhost.user.connection import Listener, connect
+from pyvhost.user.connection import Listener, connect, fds_from_ancdata
 from pyvhost.user.messages import (
     FLAG_REPLY,
     HEADER_SIZE,
@@ -36,6 +36,7 @@ from pyvhost.user.messages import (
     BackendRequest,
     Message,
     Request,
+    close_fds,
     decode_header,
     decode_reply,
     decode_request,
@@ -138,21 +139,6 @@ def _details(msg: Message) -> str:
     return " ".join(tokens)
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
-
-
 @dataclass(slots=True)
 class _RawFrame:
     """Bytes of one message as received (possibly incomplete), the fds and framing trouble."""
@@ -176,7 +162,7 @@ def _recv_into(sock: socket.socket, buf: bytearray, fds: list[int], notes: list[
             n, ancdata, flags, _ = sock.recvmsg_into([view[got:]], _ANC_SIZE)
         except OSError:
             return got
-        fds.extend(_fds_from(ancdata))
+        fds.extend(fds_from_ancdata(ancdata))
         if flags & socket.MSG_CTRUNC:
             notes.append("control data truncated: some fds were lost before the proxy")
         if n == 0:
@@ -325,7 +311,7 @@ class _Session:
                 log.info("trace: %s: cannot forward (%s)", direction.value, exc)
                 return False
         finally:
-            _close_all(owned)
+            close_fds(owned)
         return True
 
     def _decode(self, frame: _RawFrame, direction: Direction) -> tuple[TraceEvent, Message | None]:
