@@ -51,6 +51,7 @@ from pyvhost.user.messages import (
 )
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import DirtyLog, GuestMemory, Region
+from pyvhost.virtio.packed import PackedDriver, PackedQueue, packed_layout
 from pyvhost.virtio.split import SplitDriver, SplitQueue, split_layout
 
 PF = ProtocolFeature
@@ -648,6 +649,52 @@ def test_dirty_log_marks_used_ring_and_buffers(ready: Peer) -> None:
             assert check.dirty_pages() == [used // 4096, 0x40000 // 4096]
         finally:
             check.close()
+    finally:
+        os.close(log_fd)
+
+
+def test_packed_dirty_log_marks_the_descriptor_ring_not_the_log_address(peer: Peer) -> None:
+    """QEMU's log_guest_addr for a packed ring is the device area (used_phys): used descriptors
+    must be logged where they are written, in the descriptor ring."""
+    peer.negotiate(features=peer.u64(Request.GET_FEATURES))
+    mem = peer.add_memory()
+    size = 512  # the descriptor ring fills pages 1 and 2; the event areas are in page 3
+    lay = packed_layout(size, RING_GPA)
+    assert lay.device_event_gpa // 4096 == 3
+    log_mem, log_fd = DirtyLog.anonymous(4096)
+    log_mem.close()
+    try:
+        peer.send(Request.SET_LOG_BASE, Log(4096, 0), fds=[log_fd])
+        peer.send(Request.SET_FEATURES, U64(peer.handler.features | bit(F_LOG_ALL)))
+        uva = mem.regions[0].userspace_addr
+        driver = PackedDriver(mem, size, lay.desc_gpa, lay.driver_event_gpa, lay.device_event_gpa)
+        peer.send(Request.SET_VRING_NUM, VringState(0, size))
+        addr = VringAddr(
+            0,
+            VRING_F_LOG,
+            uva + lay.desc_gpa,
+            uva + lay.device_event_gpa,
+            uva + lay.driver_event_gpa,
+            lay.device_event_gpa,
+        )
+        peer.send(Request.SET_VRING_ADDR, addr)
+        peer.send(Request.SET_VRING_KICK, U64(VRING_NOFD))
+        queue, _ = peer.device.queues[0]
+        assert isinstance(queue, PackedQueue)
+        for _ in range(300):  # used positions 0..299 lie in pages 1 and 2
+            driver.add([], [(0x40000, 16)])
+            driver.publish()
+            chain = queue.pop()
+            assert chain is not None
+            queue.push(chain.head, 16)
+        check = DirtyLog(log_fd, 4096)
+        try:
+            pages = check.dirty_pages()
+        finally:
+            check.close()
+        # descriptor ring, device area (event writes), buffers; logging used descriptors
+        # relative to the device area would have marked page 4 and missed page 2
+        assert pages == [1, 2, 3, 0x40000 // 4096]
     finally:
         os.close(log_fd)
 

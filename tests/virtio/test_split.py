@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
+from pyvhost.virtio.chain import MAX_INDIRECT_DESCRIPTORS
 from pyvhost.virtio.memory import PAGE_SIZE, DirtyLog, GuestMemory
 from pyvhost.virtio.queue import DeviceQueue
 from pyvhost.virtio.split import (
@@ -342,10 +343,30 @@ def test_hostile_indirect_table_length(rig: Rig, length: int) -> None:
     expect_broken(rig.queue(), f"indirect table length {length} is not a positive multiple of 16")
 
 
-def test_hostile_indirect_table_too_many_entries(rig: Rig) -> None:
-    rig.raw_desc(0, DATA, 16 * (SIZE + 1), INDIRECT)
+def test_indirect_table_longer_than_the_ring_is_accepted(rig: Rig) -> None:
+    """Linux sizes indirect tables from seg_max, not the ring: 183 entries on a 128 ring seen."""
+    entries = 183
+    table = b"".join(
+        _DESC.pack(DATA + 0x4000 + 512 * k, 512, NEXT | (WRITE if k >= entries - 2 else 0), k + 1)
+        for k in range(entries - 1)
+    ) + _DESC.pack(DATA + 0x4000 + 512 * (entries - 1), 1, WRITE, 0)
+    rig.mem.write(DATA, table)
+    rig.raw_desc(0, DATA, len(table), INDIRECT)
     rig.raw_avail(0)
-    expect_broken(rig.queue(), "indirect table has 9 descriptors, more than queue size 8")
+    chain = rig.queue().pop()
+    assert chain is not None
+    assert (len(chain.readable), len(chain.writable)) == (entries - 2, 2)
+    assert (chain.read_len, chain.write_len) == (512 * (entries - 2), 513)
+
+
+def test_hostile_indirect_table_beyond_the_fixed_limit(rig: Rig) -> None:
+    rig.raw_desc(0, DATA, 16 * (MAX_INDIRECT_DESCRIPTORS + 1), INDIRECT)
+    rig.raw_avail(0)
+    expect_broken(
+        rig.queue(),
+        f"indirect table has {MAX_INDIRECT_DESCRIPTORS + 1} descriptors, more than the limit of "
+        f"{MAX_INDIRECT_DESCRIPTORS}",
+    )
 
 
 def test_hostile_indirect_loop(rig: Rig) -> None:

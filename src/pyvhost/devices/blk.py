@@ -113,7 +113,13 @@ class BlkLimits:
     """Request limits the device advertises in its config space and enforces."""
 
     seg_max: int = 126
-    """Data segments per request (config ``seg_max``); advisory, chains are bounded by the ring."""
+    """Data segments per request (config ``seg_max``), as qemu-storage-daemon says.
+
+    Read by the guest before any ring exists, so it must hold for every ring size: Linux sizes its
+    scatter lists from it and sends them as indirect tables, which the rings accept up to
+    :data:`~pyvhost.virtio.chain.MAX_INDIRECT_DESCRIPTORS` whatever the ring size; 126 data
+    segments plus header and status also fit a 128-entry ring (QEMU's default) without indirect.
+    """
     size_max: int = 1 << 20
     """Largest data segment the driver should use (config ``size_max``); advisory."""
     max_discard_sectors: int = 1 << 22
@@ -656,8 +662,7 @@ class BlkDevice(Device):
         queue_size: int = 256,
     ) -> BlkDevice:
         """The device ``pyvhost serve blk`` builds from its command line."""
-        limits = BlkLimits(seg_max=max(1, queue_size - 2))
-        backend = BlkBackend.open(image, readonly=readonly, serial=serial, limits=limits)
+        backend = BlkBackend.open(image, readonly=readonly, serial=serial)
         try:
             return cls(backend, num_queues=queues, queue_size=queue_size)
         except BaseException:

@@ -561,7 +561,6 @@ class BackendHandler:
                 used_wrap=used_wrap,
                 queue_index=i,
                 log_used=log_used,
-                used_log_gpa=addr.log_guest_addr,
                 inflight=tracker,
             )
         split_tracker = region.split_queue(i) if region is not None else None

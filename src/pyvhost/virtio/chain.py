@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["EMPTY", "DescriptorChain"]
+__all__ = ["EMPTY", "MAX_INDIRECT_DESCRIPTORS", "DescriptorChain"]
+
+MAX_INDIRECT_DESCRIPTORS = 1024
+"""Most descriptors one indirect table may hold, whatever the ring size.
+
+Linux sizes a request's scatter list from the device's ``seg_max``, not from the ring, and puts it
+in an indirect table: a 128-entry ring legitimately carries tables longer than 128. libvhost-user
+bounds tables only by their byte length and rust-vmm by u16; we take QEMU's own cap on the
+elements of one request (``VIRTQUEUE_MAX_SIZE``, 1024), which its emulated devices already impose
+on every guest, and which keeps the views one hostile chain can make us hold bounded.
+"""
 
 
 class _SharedEmptyList(list):  # type: ignore[type-arg]

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import EMPTY, DescriptorChain
+from pyvhost.virtio.chain import EMPTY, MAX_INDIRECT_DESCRIPTORS, DescriptorChain
 from pyvhost.virtio.inflight import PackedInflightHooks, PackedInflightQueue
 from pyvhost.virtio.memory import GuestMemory
 
@@ -173,8 +173,10 @@ class PackedQueue:
 
     The ``head`` of the chains it returns, and that :meth:`push` takes, is the buffer id. Ring
     views are taken once at construction; after the memory table changes build a new queue from
-    :meth:`get_base` (:func:`decode_packed_base`). ``log_used`` logs the used descriptors it writes
-    at ``used_log_gpa`` (default: the ring's address) and device-area writes at their address.
+    :meth:`get_base` (:func:`decode_packed_base`). ``log_used`` logs every ring write at the
+    guest address it lands on: used descriptors in the descriptor ring, event-suppression writes in
+    the device area. (The front-end's ``log_guest_addr`` names the device area for a packed ring,
+    QEMU's ``used_phys``; logging descriptors relative to it would mark the wrong pages.)
     """
 
     def __init__(
@@ -193,7 +195,6 @@ class PackedQueue:
         used_wrap: bool = True,
         queue_index: int = 0,
         log_used: bool = False,
-        used_log_gpa: int | None = None,
         inflight: PackedInflightHooks | None = None,
         max_chain_len: int | None = None,
     ) -> None:
@@ -210,6 +211,9 @@ class PackedQueue:
         self._max_chain = size if max_chain_len is None else min(size, max_chain_len)
         if self._max_chain < 1:
             raise ValueError(f"max_chain_len {max_chain_len} must be at least 1")
+        self._max_indirect = min(
+            MAX_INDIRECT_DESCRIPTORS, max_chain_len or MAX_INDIRECT_DESCRIPTORS
+        )
         self._ring = _ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
         self._ring16 = self._ring.cast("H")
         self._driver_event = _ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
@@ -223,7 +227,7 @@ class PackedQueue:
         self._used = used_idx
         self._used_wrap = bool(used_wrap)
         self._log_used = log_used
-        self._used_log_gpa = desc_gpa if used_log_gpa is None else used_log_gpa
+        self._desc_gpa = desc_gpa
         self._inflight = inflight
         # buffer id -> (ring descriptors it occupies, writable (gpa, len) pieces)
         self._outstanding: dict[int, tuple[int, list[tuple[int, int]]]] = {}
@@ -589,15 +593,10 @@ class PackedQueue:
                 f"{where}: indirect table length {length} is not a positive multiple of 16"
             )
         entries = length // DESC_SIZE
-        if entries > self.size:
-            raise self._fail(
-                f"{where}: indirect table has {entries} descriptors, more than queue size "
-                f"{self.size}"
-            )
-        if entries > self._max_chain:
+        if entries > self._max_indirect:
             raise self._fail(
                 f"{where}: indirect table has {entries} descriptors, more than the limit of "
-                f"{self._max_chain}"
+                f"{self._max_indirect}"
             )
         try:
             table = self._mem.read(addr, length)
@@ -704,7 +703,7 @@ class PackedQueue:
             inflight.after_publish()
         if logged and self._mem.logging:
             for pos in logged:
-                self._mem.log_write(self._used_log_gpa + (pos << 4), DESC_SIZE)
+                self._mem.log_write(self._desc_gpa + (pos << 4), DESC_SIZE)
 
     # -- notifications --------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from itertools import chain as chain_items
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import EMPTY, DescriptorChain
+from pyvhost.virtio.chain import EMPTY, MAX_INDIRECT_DESCRIPTORS, DescriptorChain
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.queue import SplitInflightHooks
 
@@ -150,6 +150,9 @@ class SplitQueue:
         self._max_chain = size if max_chain_len is None else min(size, max_chain_len)
         if self._max_chain < 1:
             raise ValueError(f"max_chain_len {max_chain_len} must be at least 1")
+        self._max_indirect = min(
+            MAX_INDIRECT_DESCRIPTORS, max_chain_len or MAX_INDIRECT_DESCRIPTORS
+        )
         self._desc = _ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
         self._avail = _ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
         used = _ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
@@ -573,10 +576,11 @@ class SplitQueue:
                         "is not a positive multiple of 16"
                     )
                 entries = length // DESC_SIZE
-                if entries > size:
+                max_chain = self._max_indirect
+                if entries > max_chain:
                     raise self._fail(
                         f"{where} {index} (chain head {head}): indirect table has {entries} "
-                        f"descriptors, more than queue size {size}"
+                        f"descriptors, more than the limit of {max_chain}"
                     )
                 try:
                     pieces = self._mem.translate(addr, length)
