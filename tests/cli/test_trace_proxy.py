@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from pyvhost.cli.trace import format_line
+from pyvhost.errors import ConnectionClosedError, ProtocolError
 from pyvhost.user import proxy as proxy_module
+from pyvhost.user.connection import Connection
+from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     U64,
     BackendRequest,
     Inflight,
+    Log,
+    ProtocolFeature,
     Request,
     VringArea,
     VringState,
+    encode_header,
     encode_message,
     encode_reply,
     encode_request,
@@ -421,3 +428,100 @@ def test_backend_channel_setup_without_a_socket_is_forwarded_as_is(rig: Rig) -> 
         (Direction.FRONT_TO_BACK, "SET_BACKEND_REQ_FD", 1),
         (Direction.FRONT_TO_BACK, "SET_OWNER", 0),
     ]
+
+
+# --- SET_LOG_BASE replies as real back-ends send them ------------------------------------------
+
+LOG_BASE_REPLIES = {
+    "u64 (spec)": (encode_header(Request.SET_LOG_BASE, 0x5, 8) + U64(0).encode(), "u64=0x0"),
+    "empty (DPDK)": (encode_header(Request.SET_LOG_BASE, 0x5, 0), ""),
+    "echoed log (rust-vmm)": (
+        encode_header(Request.SET_LOG_BASE, 0x5, 16) + Log(0x1000, 0x200).encode(),
+        "size=0x1000 offset=0x200",
+    ),
+}
+
+
+def _scripted_backend(conn: Connection, log_base_reply: bytes) -> threading.Thread:
+    """Offer LOG_SHMFD, answer SET_LOG_BASE with ``log_base_reply`` and GET_FEATURES after."""
+    answers = {
+        Request.GET_FEATURES: reply_wire(Request.GET_FEATURES, U64(1 << 30)),
+        Request.GET_PROTOCOL_FEATURES: reply_wire(
+            Request.GET_PROTOCOL_FEATURES, U64(1 << ProtocolFeature.LOG_SHMFD)
+        ),
+        Request.SET_LOG_BASE: log_base_reply,
+    }
+
+    def serve() -> None:
+        while True:
+            try:
+                msg = conn.recv_request(timeout=TIMEOUT)
+            except (ConnectionClosedError, ProtocolError, OSError):
+                return
+            for fd in msg.fds:
+                os.close(fd)
+            answer = answers.get(Request(msg.request))
+            if answer is not None:
+                conn.send_bytes(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def _frontend_through(rig: Rig, log_base_reply: bytes) -> tuple[Frontend, Connection]:
+    front, back = rig.connect()
+    backend = Connection(back)
+    _scripted_backend(backend, log_base_reply)
+    fe = Frontend(Connection(front), reply_timeout=TIMEOUT)
+    fe.get_features()
+    fe.get_protocol_features()
+    fe.set_protocol_features(1 << ProtocolFeature.LOG_SHMFD)
+    return fe, backend
+
+
+@pytest.mark.parametrize(("raw", "details"), LOG_BASE_REPLIES.values(), ids=LOG_BASE_REPLIES.keys())
+def test_every_set_log_base_reply_form_is_relayed_and_decoded(
+    rig: Rig, raw: bytes, details: str
+) -> None:
+    fe, backend = _frontend_through(rig, raw)
+    try:
+        memfd = os.memfd_create("log")
+        try:
+            fe.set_log_base(0x1000, 0x200, memfd)
+        finally:
+            os.close(memfd)
+        assert fe.get_features() == 1 << 30  # the session goes on
+        assert not fe.closed
+    finally:
+        fe.close()
+        backend.close()
+    events = rig.wait_events(9)  # GET_FEATURES, GET/SET_PROTOCOL_FEATURES, then these
+    request, reply = events[5], events[6]
+    assert (request.request, request.is_reply, request.fds) == ("SET_LOG_BASE", False, 1)
+    assert (reply.request, reply.is_reply, reply.error) == ("SET_LOG_BASE", True, None)
+    assert reply.data == raw
+    assert reply.details == details
+    line = format_line(reply)
+    assert "SET_LOG_BASE reply" in line and "ERROR" not in line
+    assert f"size={len(raw) - 12}" in line
+    assert events[7].request == "GET_FEATURES" and events[8].is_reply
+
+
+def test_set_log_base_reply_of_another_size_is_relayed_and_reported(rig: Rig) -> None:
+    raw = encode_header(Request.SET_LOG_BASE, 0x5, 5) + bytes(5)
+    fe, backend = _frontend_through(rig, raw)
+    try:
+        memfd = os.memfd_create("log")
+        try:
+            with pytest.raises(ProtocolError, match="reply size 5 is wrong"):
+                fe.set_log_base(0x1000, 0, memfd)
+        finally:
+            os.close(memfd)
+    finally:
+        fe.close()
+        backend.close()
+    reply = rig.wait_events(7)[6]
+    assert reply.is_reply and reply.data == raw
+    assert "reply size 5 is wrong" in (reply.error or "")
+    assert "ERROR: SET_LOG_BASE: reply size 5" in format_line(reply)

@@ -20,7 +20,7 @@ from pyvhost.errors import (
 )
 from pyvhost.user.channel import BackendRequestHandler, Channel
 from pyvhost.user.connection import Connection, socketpair
-from pyvhost.user.frontend import F_ACCESS_PLATFORM, Frontend
+from pyvhost.user.frontend import F_ACCESS_PLATFORM, Frontend, decode_log_base_reply
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     F_PROTOCOL_FEATURES,
@@ -29,8 +29,10 @@ from pyvhost.user.messages import (
     VRING_NOFD,
     Config,
     Empty,
+    Header,
     Inflight,
     IotlbMsg,
+    Log,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -639,3 +641,79 @@ def test_set_log_base_with_log_shmfd_waits_for_its_reply(
             fe.set_log_base(4096, 0, memfd)
     finally:
         os.close(memfd)
+
+
+# --- SET_LOG_BASE replies as real back-ends send them ------------------------------------------
+
+LOG_BASE_REPLIES = {
+    "u64 (spec)": encode_header(Request.SET_LOG_BASE, 0x5, 8) + U64(0).encode(),
+    "empty (DPDK)": encode_header(Request.SET_LOG_BASE, 0x5, 0),
+    "echoed log (rust-vmm)": encode_header(Request.SET_LOG_BASE, 0x5, 16)
+    + Log(4096, 0x200).encode(),
+}
+
+
+@pytest.mark.parametrize("raw", LOG_BASE_REPLIES.values(), ids=LOG_BASE_REPLIES.keys())
+def test_set_log_base_accepts_every_reply_form(
+    pair: tuple[Frontend, FakeBackend], raw: bytes
+) -> None:
+    fe, be = pair
+    _negotiated(fe)
+    be.override[Request.SET_LOG_BASE] = lambda m: [raw]
+    memfd = os.memfd_create("log")
+    try:
+        fe.set_log_base(4096, 0x200, memfd)
+    finally:
+        os.close(memfd)
+    assert not fe.closed
+    assert be.received[-1].payload == Log(4096, 0x200)
+    assert fe.get_queue_num() == 4  # the stream is still in step
+
+
+def test_set_log_base_reply_of_another_size_is_rejected(
+    pair: tuple[Frontend, FakeBackend],
+) -> None:
+    fe, be = pair
+    _negotiated(fe)
+    raw = encode_header(Request.SET_LOG_BASE, 0x5, 5) + bytes(5)
+    be.override[Request.SET_LOG_BASE] = lambda m: [raw]
+    memfd = os.memfd_create("log")
+    try:
+        with pytest.raises(ProtocolError, match=r"SET_LOG_BASE: reply size 5 is wrong") as info:
+            fe.set_log_base(4096, 0, memfd)
+    finally:
+        os.close(memfd)
+    assert info.value.field == "size"
+    assert "0 (empty, as DPDK replies)" in str(info.value)
+    assert "16 (the log area echoed, as rust-vmm replies)" in str(info.value)
+    assert fe.closed
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "nfds", "field"),
+    [
+        (Header(Request.SET_LOG_BASE, 0x1, 0), b"", 0, "flags"),  # REPLY bit missing
+        (Header(Request.GET_FEATURES, 0x5, 16), bytes(16), 0, "request"),
+        (Header(Request.SET_LOG_BASE, 0x5, 0), b"", 1, "fds"),
+        (Header(Request.SET_LOG_BASE, 0x5, 16), bytes(8), 0, "size"),
+        (Header(Request.SET_LOG_BASE, 0x5, 24), bytes(24), 0, "size"),
+    ],
+)
+def test_tolerant_log_base_reply_still_checks_the_rest(
+    header: Header, payload: bytes, nfds: int, field: str, no_fd_leak: None
+) -> None:
+    fds = [os.eventfd(0) for _ in range(nfds)]
+    with pytest.raises(ProtocolError, match="SET_LOG_BASE") as info:
+        decode_log_base_reply(header, payload, fds)
+    assert info.value.field == field
+    assert fds == []  # closed, as the codec does
+
+
+def test_tolerant_log_base_reply_payloads() -> None:
+    def decode(raw: bytes) -> object:
+        header = Header(Request.SET_LOG_BASE, 0x5, len(raw) - 12)
+        return decode_log_base_reply(header, raw[12:], []).payload
+
+    assert decode(LOG_BASE_REPLIES["u64 (spec)"]) == U64(0)
+    assert decode(LOG_BASE_REPLIES["empty (DPDK)"]) == Empty()
+    assert decode(LOG_BASE_REPLIES["echoed log (rust-vmm)"]) == Log(4096, 0x200)

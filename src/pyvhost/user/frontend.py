@@ -37,6 +37,7 @@ from pyvhost.user.messages import (
     Config,
     DeviceStateTransfer,
     Empty,
+    Header,
     Inflight,
     IotlbMsg,
     Log,
@@ -53,6 +54,7 @@ from pyvhost.user.messages import (
     VringAddr,
     VringState,
     close_fds,
+    decode_reply,
     encode_request,
     replies_expected,
     spec_for,
@@ -64,6 +66,7 @@ __all__ = [
     "F_ACCESS_PLATFORM",
     "Frontend",
     "NegotiationResult",
+    "decode_log_base_reply",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,37 @@ DEFAULT_PROTOCOL_FEATURES = sum(1 << f for f in PF if f not in _UNMODELLED)
 """Protocol features this front-end implements (all but XEN_MMAP and the unconfirmed 20/21)."""
 
 _ALL_FEATURES = (1 << 64) - 1
+
+
+_LOG_BASE_REPLIES = (
+    "8 (u64 status, as the spec says), 0 (empty, as DPDK replies) "
+    "or 16 (the log area echoed, as rust-vmm replies)"
+)
+
+
+def decode_log_base_reply(header: Header, payload: bytes, fds: list[int]) -> Message:
+    """Decode a SET_LOG_BASE reply in any of the forms real back-ends send.
+
+    The spec wants a u64 status; DPDK's vhost library replies with an empty payload and rust-vmm
+    echoes the request's log area (16 bytes). QEMU takes all three as success, and so do we: the
+    Message carries ``U64``, ``Empty`` or ``Log``. Flags, request number and fds are checked by
+    the codec as for a u64 ack; any other size raises ProtocolError. Fds as in decode_reply.
+    """
+    size = len(payload)
+    if size == 8 or size != header.size:
+        return decode_reply(Request.SET_LOG_BASE, header, payload, fds)
+    if size not in (0, 16):
+        close_fds(fds)
+        raise ProtocolError(
+            f"reply size {size} is wrong (expected {_LOG_BASE_REPLIES})",
+            request=Request.SET_LOG_BASE.name,
+            field="size",
+        )
+    # The codec's header and fd checks, on a u64 in place of the payload it would refuse.
+    stand_in = Header(header.request, header.flags, 8)
+    checked = decode_reply(Request.SET_LOG_BASE, stand_in, bytes(8), fds)
+    body: Payload = Empty() if size == 0 else Log.decode(payload, request="SET_LOG_BASE")
+    return Message(checked.request, checked.flags, body, checked.fds)
 
 
 def _bit(value: int, bit: int) -> bool:
@@ -251,7 +285,7 @@ class Frontend(Closing):
                 self.conn.send(msg)
                 if not replies_expected(msg, self.protocol_features):
                     return None
-                reply = self.conn.recv_reply(request, self.reply_timeout)
+                reply = self._recv_reply(request)
             except TimeoutError as exc:
                 self._fail(f"{request.name} timed out")
                 raise TimeoutError(
@@ -267,8 +301,16 @@ class Frontend(Closing):
             self._check_ack(request, reply)
         return reply
 
+    def _recv_reply(self, request: Request) -> Message:
+        if request is Request.SET_LOG_BASE:
+            frame = self.conn.recv_frame(self.reply_timeout)
+            return decode_log_base_reply(frame.header, frame.payload, frame.fds)
+        return self.conn.recv_reply(request, self.reply_timeout)
+
     def _check_ack(self, request: Request, reply: Message) -> None:
         close_fds(reply.fds)
+        if request is Request.SET_LOG_BASE and isinstance(reply.payload, Empty | Log):
+            return  # DPDK's and rust-vmm's success replies (see decode_log_base_reply)
         if not isinstance(reply.payload, U64):
             self._fail(f"wrong reply to {request.name}")
             raise ProtocolError(
@@ -439,7 +481,10 @@ class Frontend(Closing):
         self._call(Request.REM_MEM_REG, MemRegMsg(region))
 
     def set_log_base(self, size: int, offset: int, fd: int | None) -> None:
-        """SET_LOG_BASE: the dirty log is ``size`` bytes at ``offset`` in ``fd`` (LOG_SHMFD)."""
+        """SET_LOG_BASE: the dirty log is ``size`` bytes at ``offset`` in ``fd`` (LOG_SHMFD).
+
+        The reply may be a u64 status, empty or the log area echoed (decode_log_base_reply).
+        """
         if fd is not None:
             self._require(Request.SET_LOG_BASE, PF.LOG_SHMFD)
         self._call(Request.SET_LOG_BASE, Log(size, offset), fds=[] if fd is None else [fd])

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Self
 
 from pyvhost.user.connection import Listener, connect, fds_from_ancdata
+from pyvhost.user.frontend import decode_log_base_reply
 from pyvhost.user.messages import (
     FLAG_REPLY,
     HEADER_SIZE,
@@ -377,6 +378,8 @@ class _Session:
         if request is None:
             name = request_name(header.request, backend_channel=channel)
             raise ValueError(f"{name}: a reply with no request before it")
+        if request is Request.SET_LOG_BASE:
+            return decode_log_base_reply(header, payload, placeholders)
         return decode_reply(request, header, payload, placeholders, backend_channel=channel)
 
     @staticmethod
