@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvhost.errors import GuestMemoryError
+from pyvhost.virtio import atomic
 from pyvhost.virtio import memory as memory_mod
 from pyvhost.virtio.chain import DescriptorChain
 from pyvhost.virtio.memory import PAGE_SIZE, DirtyLog, GuestMemory, RegionSpec
@@ -285,10 +286,13 @@ class YieldingView:
         self.view[index] = value  # type: ignore[index,assignment]
 
 
-def test_concurrent_marks_lose_no_bits(no_fd_leak: None) -> None:
+@pytest.mark.parametrize(
+    "impl", [i for i in atomic.IMPLS[:-1] if atomic.or_byte(i) is not None] + [atomic.LOCKED]
+)
+def test_concurrent_marks_lose_no_bits(impl: str, no_fd_leak: None) -> None:
     n_threads = 8
     pages = 512
-    log, fd = DirtyLog.anonymous(pages // 8)
+    log, fd = DirtyLog.anonymous(pages // 8, atomic_impl=impl)
     real_view = log._view
     log._view = YieldingView(real_view)  # type: ignore[assignment]
     # Thread t marks pages p with p % n_threads == t: every byte is shared by all threads.

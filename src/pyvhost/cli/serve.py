@@ -105,6 +105,15 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
 }
 
 
+def _report_memory_safety() -> None:
+    """Say how dirty-log bits will be set (a warning comes with it if not atomically)."""
+    from pyvhost.virtio.atomic import LOCKED, default_impl
+
+    impl = default_impl()
+    how = "NOT atomic across processes" if impl == LOCKED else "atomic OR"
+    log.info("dirty log: bits set with %s (%s)", impl, how)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the device, serve it until a signal, release it; 0 on a clean stop."""
     if not args.quiet:
@@ -115,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             logging.basicConfig(
                 stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
+    _report_memory_safety()
     try:
         device = _FACTORIES[args.device](args)
     except (OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ address, the length and the reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import os
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 from pyvhost.closing import Closing
 from pyvhost.errors import GuestMemoryError
+from pyvhost.virtio import atomic
+from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, write_barrier
 
 __all__ = [
     "PAGE_SIZE",
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 """Granularity of the vhost dirty log: one bit per 4 KiB guest-physical page."""
+_PAGE_SHIFT = 12
+
+_byref = ctypes.byref
+_SEQ_CST = atomic.SEQ_CST
 
 _U64_LIMIT = 1 << 64
 _DEFAULT_UVA_BASE = 0x7F00_0000_0000
@@ -221,21 +228,38 @@ class Region:
 class DirtyLog:
     """The vhost dirty-page log: one bit per 4 KiB guest-physical page, LSB first in each byte.
 
-    Marking takes a lock so that threads of this process never lose each other's bits (CPython
-    offers no atomic OR on an mmap, so each mark is a byte load then a byte store; the 3.11 GIL
-    happens not to switch threads between the two, but we do not rely on that). Across
-    processes this is weaker than the ``lock or`` other back-ends use: if the front-end reads and
-    clears a byte between our load and store, we put back the bits it just took (a spurious
-    re-send, harmless); but the front-end shares one log among all its vhost devices, and if
-    another back-end ORs a bit into the same byte in that window, its bit is lost. Known
-    limitation of doing this from Python without atomic instructions.
+    The front-end shares one log among all the vhost back-ends of a VM (other processes), so a
+    bit is set with an atomic OR on the shared mapping (see :mod:`pyvhost.virtio.atomic`;
+    :attr:`atomic_impl` says which): a load and store, even under a lock, would lose a bit
+    another back-end sets in the same byte in between, and that page would not be re-sent
+    during migration. Bytes wholly inside a marked range are set with plain stores of 0xFF,
+    which cannot lose anyone's bit (they are all set); a front-end that reads and clears the
+    log with an atomic exchange, as QEMU does, sees each such store either before its exchange
+    (and sends the pages) or after (and sends them next round). Only a front-end clearing with
+    a plain load then store could lose bits, ours or anyone's, atomic or not. The ``locked``
+    implementation (no libatomic, not x86-64) is correct among this process's threads only.
     """
 
-    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
+    def __init__(
+        self, fd: int, size: int, offset: int = 0, *, atomic_impl: str | None = None
+    ) -> None:
+        impl = atomic.default_impl() if atomic_impl is None else atomic_impl
+        or_byte = atomic.or_byte(impl)
+        if or_byte is None and impl != atomic.LOCKED:
+            raise GuestMemoryError(f"dirty log: atomic OR {impl!r} is not available here")
         mm, slack = _map_shared(fd, offset, size, "dirty log")
         self._mm: mmap.mmap | None = mm
         self._view = memoryview(mm)[slack : slack + size]
         self.size = size
+        self.atomic_impl = impl
+        """How bits are set: ``libatomic``, ``x86-64-stub`` or ``locked``."""
+        self._or = or_byte
+        # A ctypes array over the log, exporting a buffer of the view: while a mark() holds it,
+        # close() cannot unmap (the unmap is deferred), so a racing mark never writes into
+        # unmapped memory. close() drops it first, so an idle log unmaps at once.
+        self._bytes: ctypes.Array[ctypes.c_ubyte] | None = (
+            None if or_byte is None else (ctypes.c_ubyte * size).from_buffer(self._view)
+        )
         self._lock = threading.Lock()
 
     @property
@@ -251,23 +275,46 @@ class DirtyLog:
                     f"dirty log: negative length {length}", address=gpa, length=length
                 )
             return
-        _check_range("dirty log", gpa, length)
-        first = gpa // PAGE_SIZE
-        last = (gpa + length - 1) // PAGE_SIZE
-        if last // 8 >= self.size:
-            raise GuestMemoryError(
-                f"dirty log: gpa {gpa:#x}+{length:#x} is beyond the log "
-                f"({self.size} bytes cover up to {self.max_address:#x})",
-                address=gpa,
-                length=length,
-            )
-        view = self._view
-        with self._lock:
-            if first == last:
-                view[first >> 3] |= 1 << (first & 7)
+        first = gpa >> _PAGE_SHIFT
+        last = (gpa + length - 1) >> _PAGE_SHIFT
+        first_byte = first >> 3
+        last_byte = last >> 3
+        if gpa < 0 or last_byte >= self.size:
+            raise self._refused(gpa, length)
+        or_byte = self._or
+        if or_byte is None:
+            self._mark_locked(first, last)
+            return
+        array = self._bytes  # held until we return: keeps the mapping alive (see __init__)
+        if array is None:
+            raise self._closed(gpa, length)
+        if first_byte == last_byte:
+            mask = (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
+            if mask != 0xFF:
+                or_byte(_byref(array, first_byte), mask, _SEQ_CST)
                 return
-            first_byte = first >> 3
-            last_byte = last >> 3
+            full_from, full_to = first_byte, last_byte + 1
+        else:
+            full_from, full_to = first_byte, last_byte + 1
+            if first & 7:
+                or_byte(_byref(array, first_byte), (0xFF << (first & 7)) & 0xFF, _SEQ_CST)
+                full_from += 1
+            if (last & 7) != 7:
+                or_byte(_byref(array, last_byte), 0xFF >> (7 - (last & 7)), _SEQ_CST)
+                full_to -= 1
+        if full_to > full_from:
+            if RW_BARRIERS_NEEDED:
+                write_barrier()  # the data before the log bits (x86 orders stores itself)
+            self._view[full_from:full_to] = b"\xff" * (full_to - full_from)
+
+    def _mark_locked(self, first: int, last: int) -> None:
+        """Byte load and store under our lock: the fallback without an atomic OR."""
+        if self._mm is None:
+            raise self._closed(first * PAGE_SIZE, (last - first + 1) * PAGE_SIZE)
+        view = self._view
+        first_byte = first >> 3
+        last_byte = last >> 3
+        with self._lock:
             if first_byte == last_byte:
                 view[first_byte] |= (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
                 return
@@ -275,6 +322,24 @@ class DirtyLog:
             if last_byte > first_byte + 1:
                 view[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
             view[last_byte] |= 0xFF >> (7 - (last & 7))
+
+    def _refused(self, gpa: int, length: int) -> GuestMemoryError:
+        _check_range("dirty log", gpa, length)
+        return GuestMemoryError(
+            f"dirty log: gpa {gpa:#x}+{length:#x} is beyond the log "
+            f"({self.size} bytes cover up to {self.max_address:#x})",
+            address=gpa,
+            length=length,
+        )
+
+    @staticmethod
+    def _closed(gpa: int, length: int) -> GuestMemoryError:
+        return GuestMemoryError(
+            f"dirty log: gpa {gpa:#x}+{length:#x} not marked: the log was closed "
+            "(replaced, or logging stopped)",
+            address=gpa,
+            length=length,
+        )
 
     def is_dirty(self, page: int) -> bool:
         """Whether the bit for guest page number ``page`` is set."""
@@ -297,19 +362,20 @@ class DirtyLog:
             self._view[:] = bytes(self.size)
 
     def close(self) -> None:
-        """Unmap the log (deferred while views are alive)."""
+        """Unmap the log (deferred while views, or marks in progress, are alive)."""
         mm = self._mm
         if mm is not None:
             self._mm = None
+            self._bytes = None
             _release_mapping(mm, self._view, "dirty log")
 
     @classmethod
-    def anonymous(cls, size: int) -> tuple[DirtyLog, int]:
+    def anonymous(cls, size: int, *, atomic_impl: str | None = None) -> tuple[DirtyLog, int]:
         """A log over a fresh memfd; returns the log and the fd (owned by the caller)."""
         fd = os.memfd_create("pyvhost-dirty-log", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            return cls(fd, size), fd
+            return cls(fd, size, atomic_impl=atomic_impl), fd
         except BaseException:
             os.close(fd)
             raise
