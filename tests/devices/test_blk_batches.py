@@ -62,6 +62,13 @@ class RecordingQueue:
     def has_available(self) -> bool:
         return bool(self.chains)
 
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    def resume_inflight(self) -> list[DescriptorChain]:
+        return []
+
 
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[BlkDevice]:

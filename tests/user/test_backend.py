@@ -51,7 +51,8 @@ from pyvhost.user.messages import (
 )
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import DirtyLog, GuestMemory, Region
-from pyvhost.virtio.packed import PackedDriver, PackedQueue, packed_layout
+from pyvhost.virtio.packed import PackedDriver, PackedQueue, encode_packed_base, packed_layout
+from pyvhost.virtio.queue import DeviceQueue
 from pyvhost.virtio.split import SplitDriver, SplitQueue, split_layout
 
 PF = ProtocolFeature
@@ -889,3 +890,145 @@ def test_ring_kicked_before_its_memory_starts_when_memory_arrives(peer: Peer) ->
         assert isinstance(peer.device.queues[0][0], SplitQueue)
     finally:
         os.close(efd)
+
+
+# -- ring positions a front-end hands over (migration, DPDK, inflight) ----------------------------
+
+
+def _packed_ring(peer: Peer, index: int, size: int, base: int | None) -> PackedDriver:
+    """Set up packed ring ``index`` of ``size`` like QEMU (NUM, BASE, ADDR, KICK)."""
+    assert peer.mem is not None
+    uva = peer.mem.regions[0].userspace_addr
+    lay = packed_layout(size, RING_GPA)
+    driver = PackedDriver(peer.mem, size, lay.desc_gpa, lay.driver_event_gpa, lay.device_event_gpa)
+    peer.send(Request.SET_VRING_NUM, VringState(index, size))
+    if base is not None:
+        peer.send(Request.SET_VRING_BASE, VringState(index, base))
+    addr = VringAddr(
+        index, 0, uva + lay.desc_gpa, uva + lay.device_event_gpa, uva + lay.driver_event_gpa, 0
+    )
+    peer.send(Request.SET_VRING_ADDR, addr)
+    peer.send(Request.SET_VRING_KICK, U64(index | VRING_NOFD))
+    return driver
+
+
+def _round_trip(driver: PackedDriver, queue: DeviceQueue) -> None:
+    """One buffer through the ring: the driver must see the device's completion."""
+    buf_id = driver.add([], [(BUF_GPA, 16)])
+    driver.publish()
+    chain = queue.pop()
+    assert chain is not None and chain.head == buf_id
+    queue.push(chain.head, 16)
+    assert driver.get_used() == [(buf_id, 16)]
+
+
+@pytest.mark.parametrize("base", [1 << 15, 0])
+def test_packed_base_with_only_the_avail_side_as_dpdk_sends_it(peer: Peer, base: int) -> None:
+    """DPDK / SPDK virtio-user: ``num = avail_idx | avail_wrap << 15``, bits 16-31 zero; the
+    used side follows the avail side (DPDK's back-end: used_wrap_counter = avail_wrap_counter)."""
+    peer.negotiate(features=peer.u64(Request.GET_FEATURES) & ~bit(F_LOG_ALL))
+    peer.add_memory()
+    driver = _packed_ring(peer, 0, QSIZE, base)
+    queue, _ = peer.device.queues[0]
+    wrap = bool(base >> 15)
+    assert queue.get_base() == encode_packed_base(0, wrap, 0, wrap)
+    if wrap:  # a fresh driver starts with both wrap counters at 1
+        _round_trip(driver, queue)
+    driver.close()
+
+
+def test_packed_ring_of_a_size_that_is_not_a_power_of_two(peer: Peer) -> None:
+    peer.negotiate(features=peer.u64(Request.GET_FEATURES) & ~bit(F_LOG_ALL))
+    peer.add_memory()
+    driver = _packed_ring(peer, 0, 100, None)
+    queue, _ = peer.device.queues[0]
+    assert queue.size == 100
+    for _ in range(150):  # wraps past the end of a 100-entry ring
+        _round_trip(driver, queue)
+    driver.close()
+    del queue  # the frame outlives the test in the expected error's traceback
+    peer.send(Request.SET_VRING_NUM, VringState(1, 101))  # accepted for packed
+    with pytest.raises(ProtocolError, match=r"size 0 is not in 1\.\.1024"):
+        peer.send(Request.SET_VRING_NUM, VringState(1, 0))
+
+
+def test_split_ring_size_must_be_a_power_of_two(ready: Peer) -> None:
+    with pytest.raises(ProtocolError, match="only packed rings may have other sizes"):
+        ready.send(Request.SET_VRING_NUM, VringState(0, 100))
+
+
+def _inflight(peer: Peer, queue_size: int) -> int:
+    """GET_INFLIGHT_FD then SET_INFLIGHT_FD as QEMU does; returns the region's fd (caller's)."""
+    reply = peer.send(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, queue_size))
+    assert reply is not None and len(reply.fds) == 1
+    info = reply.payload_as(Inflight)
+    fd = reply.fds[0]
+    peer.send(Request.SET_INFLIGHT_FD, info, fds=[fd])
+    return fd
+
+
+def test_packed_fresh_inflight_region_keeps_the_migrated_base(peer: Peer) -> None:
+    """A migration destination: QEMU passes the source's GET_VRING_BASE to SET_VRING_BASE and
+    a fresh inflight region; the ring resumes there, not at the initial position."""
+    peer.negotiate(features=peer.u64(Request.GET_FEATURES) & ~bit(F_LOG_ALL))
+    peer.add_memory()
+    fd = _inflight(peer, QSIZE)
+    try:
+        migrated = encode_packed_base(3, False, 3, False)
+        _packed_ring(peer, 0, QSIZE, migrated).close()
+        queue, _ = peer.device.queues[0]
+        assert queue.resume_inflight() == []
+        assert queue.get_base() == migrated
+        reply = peer.send(Request.GET_VRING_BASE, VringState(0, 0))
+        assert reply is not None and reply.payload_as(VringState).num == migrated
+    finally:
+        os.close(fd)
+
+
+def test_split_fresh_inflight_region_then_crash_before_any_completion(
+    no_fd_leak: None,
+) -> None:
+    """After a migration used.idx is far from 0; a back-end that dies before its first completion
+    must leave a region the next one recovers from (not 'used ring idx N entries past 0')."""
+    first = Peer()
+    second = Peer()
+    try:
+        first.negotiate()
+        mem = first.add_memory()
+        fd = _inflight(first, QSIZE)
+        start = 1000
+        desc, avail, used, _ = split_layout(QSIZE, RING_GPA)
+        driver = SplitDriver(mem, QSIZE, desc, avail, used, start_idx=start)
+        first.send(Request.SET_VRING_NUM, VringState(0, QSIZE))
+        first.send(Request.SET_VRING_BASE, VringState(0, start))
+        uva = mem.regions[0].userspace_addr
+        first.send(Request.SET_VRING_ADDR, VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0))
+        first.send(Request.SET_VRING_KICK, U64(VRING_NOFD))
+        queue, _ = first.device.queues[0]
+        heads = [driver.add([(BUF_GPA + 16 * k, 16)], []) for k in range(2)]
+        driver.publish()
+        assert queue.resume_inflight() == []
+        popped = [c.head for c in queue.pop_batch(8)]
+        assert popped == heads
+        del queue
+
+        # the back-end dies; the next one gets the same region and memory
+        second.negotiate()
+        region = mem.regions[0]
+        assert region.fd is not None
+        second.send(Request.ADD_MEM_REG, MemRegMsg(_wire(region)), fds=[region.fd])
+        second.send(Request.SET_INFLIGHT_FD, Inflight(os.fstat(fd).st_size, 0, 1, QSIZE), fds=[fd])
+        second.send(Request.SET_VRING_NUM, VringState(0, QSIZE))
+        second.send(Request.SET_VRING_BASE, VringState(0, start))
+        second.send(Request.SET_VRING_ADDR, VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0))
+        second.send(Request.SET_VRING_KICK, U64(VRING_NOFD))
+        resumed, _ = second.device.queues[0]
+        assert [c.head for c in resumed.resume_inflight()] == heads
+        assert resumed.get_base() == start + 2
+        os.close(fd)
+        driver.close()
+    finally:
+        second.close()
+        first.handler.close()
+        first.fe.close()
+        first.mem = None

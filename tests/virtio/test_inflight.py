@@ -47,30 +47,49 @@ def test_queue_region_sizes_match_libvhost_user_and_dpdk(n: int) -> None:
     assert inflight_mmap_size(3, n, True) == 3 * queue_region_size(n, True)
 
 
-def test_create_initialises_every_queue(no_fd_leak: None) -> None:
+def test_create_leaves_every_queue_fresh_until_it_starts(no_fd_leak: None) -> None:
+    """Version 0 until the queue starts (libvhost-user / DPDK): SET_VRING_BASE then stands."""
     region, fd, size = InflightRegion.create(2, 128, packed=False)
     with region:
         assert size == 2 * 2112 == os.fstat(fd).st_size == region.mmap_size
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SHRINK
         buf = region.buffer
-        for q in range(2):
-            features, version, desc_num, last_head, used = struct.unpack_from(
-                "=QHHHH", buf, q * 2112
-            )
-            assert (features, version, desc_num, last_head, used) == (0, 1, 128, 0, 0)
-        assert not any(buf[16:2112])
+        assert not any(buf[:size])
+        tracker = region.split_queue(1)
+        assert tracker.fresh
+        assert tracker.begin(used_idx=0x1234) is False  # fresh: nothing to recover
+        assert not tracker.fresh
+        features, version, desc_num, last_head, used = struct.unpack_from("=QHHHH", buf, 2112)
+        assert (features, version, desc_num, last_head, used) == (0, 1, 128, 0, 0x1234)
+        assert tracker.begin(used_idx=0) is False  # once per tracker
+        assert not any(buf[:2112])  # queue 0 untouched
     region, fd, size = InflightRegion.create(1, 4, packed=True)
     with region:
         assert size == 192
         buf = region.buffer
+        assert not any(buf[:size])
+        packed = region.packed_queue(0)
+        assert packed.begin(used_idx=3, used_wrap=False) is False
         fields = struct.unpack_from("=QHHHHHHBB", buf, 0)
         # features, version, desc_num, free_head, old_free_head, used_idx, old_used_idx, wraps
-        assert fields == (0, 1, 4, 0, 0, 0, 0, 1, 1)
+        assert fields == (0, 1, 4, 0, 0, 3, 3, 0, 0)
         nexts = [struct.unpack_from("=H", buf, 32 + 32 * j + 2)[0] for j in range(4)]
         assert nexts == [1, 2, 3, 4]
+        assert (packed.used_idx, packed.used_wrap) == (3, False)
     with pytest.raises(InflightError, match="queue_size 0 out of range"):
         InflightRegion.create(1, 0, packed=False)
+
+
+def test_a_region_in_use_is_recovered_once(no_fd_leak: None) -> None:
+    region, _, _ = InflightRegion.create(1, 8, packed=False)
+    with region:
+        region.split_queue(0).begin(used_idx=5)
+        with _adopt_copy(region) as copy:
+            tracker = copy.split_queue(0)
+            assert not tracker.fresh
+            assert tracker.begin(used_idx=5) is True
+            assert tracker.begin(used_idx=5) is False
 
 
 def _adopt_copy(region: InflightRegion, **override: int) -> InflightRegion:
@@ -97,16 +116,16 @@ def test_adopt_validates(no_fd_leak: None) -> None:
             _adopt_copy(region, mmap_offset=4096)
         with pytest.raises(InflightError, match="num_queues 0"):
             _adopt_copy(region, num_queues=0)
-        struct.pack_into("=H", region.buffer, 576 + 10, 8)  # queue 1: desc_num 8
+        struct.pack_into("=HH", region.buffer, 576 + 8, 1, 8)  # queue 1: in use, desc_num 8
         with pytest.raises(InflightError, match="queue 1 region has desc_num 8"):
             _adopt_copy(region)
         struct.pack_into("=HH", region.buffer, 576 + 8, 7, 16)  # queue 1: version 7
         with pytest.raises(InflightError, match="queue 1 region has version 7"):
             _adopt_copy(region)
-        region.buffer[576 : 2 * 576] = bytes(576)  # queue 1 never used: initialised on adoption
+        region.buffer[576 : 2 * 576] = bytes(576)  # queue 1 never used: stays fresh
         with _adopt_copy(region) as copy:
-            assert struct.unpack_from("=HH", copy.buffer, 576 + 8) == (1, 16)
-            assert struct.unpack_from("=H", copy.buffer, 576 + 32 + 2)[0] == 1
+            assert struct.unpack_from("=HH", copy.buffer, 576 + 8) == (0, 0)
+            assert copy.packed_queue(1).fresh
             with pytest.raises(InflightError, match="region is in packed format"):
                 copy.split_queue(0)
             with pytest.raises(InflightError, match="queue 2 out of range"):
@@ -122,6 +141,9 @@ class CrashingSplitHooks:
     def __init__(self, tracker: SplitInflightQueue) -> None:
         self.tracker = tracker
         self.crash_mid_publish = False
+
+    def begin(self, used_idx: int) -> bool:
+        return self.tracker.begin(used_idx)
 
     def on_pop(self, head: int) -> None:
         self.tracker.on_pop(head)
@@ -231,6 +253,9 @@ class CrashingPackedHooks:
     def __init__(self, tracker: PackedInflightQueue) -> None:
         self.tracker = tracker
         self.crash: str | None = None
+
+    def begin(self, used_idx: int, used_wrap: bool) -> bool:
+        return self.tracker.begin(used_idx, used_wrap)
 
     def on_pop(
         self, descriptors: Sequence[tuple[int, int, int, int]], used_idx: int, used_wrap: bool

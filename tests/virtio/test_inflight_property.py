@@ -31,6 +31,9 @@ class SplitHooks:
         self.tracker = tracker
         self.crash = False
 
+    def begin(self, used_idx: int) -> bool:
+        return self.tracker.begin(used_idx)
+
     def on_pop(self, head: int) -> None:
         self.tracker.on_pop(head)
 
@@ -47,6 +50,9 @@ class PackedHooks:
     def __init__(self, tracker: PackedInflightQueue) -> None:
         self.tracker = tracker
         self.crash: str | None = None
+
+    def begin(self, used_idx: int, used_wrap: bool) -> bool:
+        return self.tracker.begin(used_idx, used_wrap)
 
     def on_pop(
         self, descriptors: Sequence[tuple[int, int, int, int]], used_idx: int, used_wrap: bool

@@ -514,6 +514,9 @@ class RecordingHooks:
     def _used_idx(self) -> int:
         return int(struct.unpack("<H", self.mem.read(self.used_gpa + 2, 2))[0])
 
+    def begin(self, used_idx: int) -> bool:
+        return False
+
     def on_pop(self, head: int) -> None:
         self.calls.append(("on_pop", head, self._used_idx()))
 

@@ -63,15 +63,12 @@ import logging
 import os
 import select
 import threading
-import weakref
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pyvhost.errors import GuestMemoryError, InflightError, VirtqueueError
-from pyvhost.virtio.inflight import PackedInflightQueue, SplitInflightQueue
-from pyvhost.virtio.packed import PackedQueue
-from pyvhost.virtio.split import SplitQueue
 
 if TYPE_CHECKING:
     from pyvhost.daemon.device import Device
@@ -80,7 +77,7 @@ if TYPE_CHECKING:
     from pyvhost.virtio.memory import GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
-__all__ = ["EventLoop", "ResumedQueue", "recover_inflight"]
+__all__ = ["DRAIN_TIMEOUT", "EventLoop", "ResumedQueue"]
 
 log = logging.getLogger("pyvhost.daemon")
 
@@ -93,37 +90,9 @@ to ``PREFIX.<worker name>.<pid>`` when the loop stops (``python -m pstats`` read
 
 _EPOLL_FLAGS = select.EPOLLIN
 
-
-# -- inflight recovery --------------------------------------------------------------------------
-
-
-_recovered: weakref.WeakSet[object] = weakref.WeakSet()
-"""Trackers already recovered in this process (a ring restarted after a memory change keeps its
-tracker and must not be replayed)."""
-
-
-def recover_inflight(queue: DeviceQueue) -> list[DescriptorChain]:
-    """Chains a previous back-end took from ``queue`` and never completed, in pop order.
-
-    Only for a queue built over an inflight region (SET_INFLIGHT_FD), the first time a tracker is
-    seen; for a split ring only if it records something in flight (the used index is in guest
-    memory), for a packed ring always (its position lives only in the region). The queue then
-    resumes after those chains (split: ``last_avail_idx = used.idx + len(chains)``; packed: the
-    tracker's position).
-    """
-    tracker = queue.inflight if isinstance(queue, SplitQueue | PackedQueue) else None
-    if tracker is None or tracker in _recovered:
-        return []
-    _recovered.add(tracker)
-    if isinstance(queue, PackedQueue) and isinstance(tracker, PackedInflightQueue):
-        # Always: after a crash QEMU cannot tell a packed ring's position (no index in memory), so
-        # it comes from the region even when nothing was in flight (as DPDK does).
-        return queue.recover_inflight()
-    if isinstance(queue, SplitQueue) and isinstance(tracker, SplitInflightQueue):
-        if not tracker.inflight_heads():
-            return []
-        return queue.recover_inflight()
-    return []
+DRAIN_TIMEOUT = 10.0
+"""How long stopping a queue (GET_VRING_BASE, a memory change) waits for chains the device
+popped and has not pushed back: the spec wants the reply after in-flight requests are done."""
 
 
 class ResumedQueue:
@@ -169,6 +138,13 @@ class ResumedQueue:
     def has_available(self) -> bool:
         return bool(self.pending) or self.inner.has_available()
 
+    @property
+    def in_flight(self) -> int:
+        return self.inner.in_flight
+
+    def resume_inflight(self) -> list[DescriptorChain]:
+        return []
+
 
 # -- queues and workers -------------------------------------------------------------------------
 
@@ -185,6 +161,8 @@ class _QueueState:
     worker: _Worker
     enabled: bool = False
     stopped: bool = False
+    failed: bool = False
+    """Stopped by a broken ring or a device error: its popped chains will never be pushed."""
     kick_fd: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     kicks: int = 0
@@ -345,7 +323,7 @@ def _stop_broken(state: _QueueState, reason: str) -> None:
     log.error("queue %d stopped: %s", state.index, reason)
     with state.worker.lock:
         state.worker._forget(state)
-    state.stopped = True
+    state.failed = state.stopped = True
     with contextlib.suppress(Exception):
         state.notifier.error()
 
@@ -384,7 +362,7 @@ class EventLoop:
         key = (id(device), index)
         self.remove_queue(device, index)
         try:
-            recovered = recover_inflight(queue)
+            recovered = queue.resume_inflight()
         except (VirtqueueError, GuestMemoryError, InflightError) as exc:
             log.error("queue %d: inflight recovery failed: %s", index, exc)
             recovered = []
@@ -400,12 +378,28 @@ class EventLoop:
             self._states[key] = state
         worker.attach(state)
 
-    def remove_queue(self, device: Device, index: int) -> None:
-        """Stop serving a queue; returns once no worker touches it any more."""
+    def remove_queue(self, device: Device, index: int, *, drain: float = DRAIN_TIMEOUT) -> None:
+        """Stop serving a queue; returns once no worker touches it any more and the chains the
+        device popped are pushed back (waits up to ``drain`` seconds for a device that completes
+        them later, then logs what is left)."""
         with self._lock:
             state = self._states.pop((id(device), index), None)
-        if state is not None:
-            state.worker.detach(state)
+        if state is None:
+            return
+        state.worker.detach(state)
+        queue = state.queue
+        deadline = time.monotonic() + drain
+        while queue.in_flight and not state.failed:
+            if time.monotonic() >= deadline:
+                log.error(
+                    "queue %d stopped with %d chains still in flight after %g s: the device "
+                    "never completed them",
+                    index,
+                    queue.in_flight,
+                    drain,
+                )
+                return
+            time.sleep(0.001)
 
     def remove_device(self, device: Device) -> None:
         """Stop every queue of ``device`` and forget its enable states (reset)."""

@@ -536,6 +536,10 @@ class BackendHandler:
         if self.packed:
             base = 0x8000_8000 if vring.base is None else vring.base
             avail, avail_wrap, used, used_wrap = decode_packed_base(base)
+            if base >> 16 == 0:
+                # DPDK's and SPDK's virtio-user send only the avail side (idx | wrap << 15) and
+                # expect the used side to follow it, as DPDK's own back-end does.
+                used, used_wrap = avail, avail_wrap
             if avail >= num or used >= num:
                 raise ProtocolError(
                     f"vring {i}: packed base {base:#x} has an index beyond the ring size {num}"
@@ -884,9 +888,16 @@ class BackendHandler:
         state = msg.payload_as(VringState)
         vring = self._vring(msg.name, state.index)
         limit = self.device.max_queue_size
-        if not _power_of_two(state.num) or state.num > limit:
+        if self.packed and not 1 <= state.num <= limit:
             raise ProtocolError(
-                f"vring {state.index}: size {state.num} is not a power of 2 in 1..{limit}",
+                f"vring {state.index}: size {state.num} is not in 1..{limit}",
+                request=msg.name,
+                field="num",
+            )
+        if not self.packed and (not _power_of_two(state.num) or state.num > limit):
+            raise ProtocolError(
+                f"vring {state.index}: size {state.num} is not a power of 2 in 1..{limit} "
+                "(only packed rings may have other sizes)",
                 request=msg.name,
                 field="num",
             )

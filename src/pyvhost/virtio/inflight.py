@@ -28,6 +28,13 @@ are in host byte order (the region never leaves the host) and are read and writt
 ``memoryview.cast`` items, one load or store each, so a back-end killed mid-update never leaves a
 torn field behind.
 
+Versions: a queue region whose ``version`` is 0 is fresh (GET_INFLIGHT_FD made it, or a front-end
+such as QEMU after a migration handed over a new one): the queue keeps the position SET_VRING_BASE
+gave it and the region is initialised from that position, then marked version 1, when the queue
+starts (:meth:`SplitInflightQueue.begin`, :meth:`PackedInflightQueue.begin`). Only a region that
+already says version 1 holds a previous back-end's state to recover. This is libvhost-user's and
+DPDK's convention (``vu_check_queue_inflights``, ``vhost_check_queue_inflights_*``).
+
 The resubmission ``counter`` is per queue, as in libvhost-user (``vq->counter``) and DPDK
 (``vq->global_counter``); after recovery it continues from one past the largest counter in flight.
 """
@@ -136,6 +143,23 @@ class _QueueViews:
         self._u32 = self._raw.cast("I")
         self._u64 = self._raw.cast("Q")
 
+    _begun = False
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the region is version 0: never used by a back-end, nothing to recover."""
+        return self._u16[_H_VERSION] == 0
+
+    def _claim(self) -> bool:
+        """True the first time a queue starts on this tracker (later restarts replay nothing)."""
+        first, self._begun = not self._begun, True
+        return first
+
+    def _mark_initialised(self) -> None:
+        """Write ``desc_num``, then ``version`` last: a crash before it leaves the region fresh."""
+        self._u16[_H_DESC_NUM] = self.queue_size
+        self._u16[_H_VERSION] = INFLIGHT_VERSION
+
     def release(self) -> None:
         """Drop the views so the region can be unmapped."""
         for view in (self._u8, self._u16, self._u32, self._u64, self._raw):
@@ -189,6 +213,26 @@ class SplitInflightQueue(_QueueViews):
         return [head for _, head in found]
 
     # -- SplitInflightHooks ---------------------------------------------------------------------
+
+    def begin(self, used_idx: int) -> bool:
+        """A queue starts on this tracker with used.idx ``used_idx``; True if it must recover.
+
+        A fresh region is initialised at ``used_idx`` (so a crash before the first completion is
+        recovered from the right place) and nothing is recovered; a version-1 region is
+        recovered the first time only.
+        """
+        if not self._claim():
+            return False
+        if not self.fresh:
+            return True
+        u8, u16 = self._u8, self._u16
+        for i in range(self.queue_size):
+            u8[_SD_INFLIGHT_B + 16 * i] = 0
+        u16[_S_LAST_BATCH_HEAD] = 0
+        u16[_S_USED_IDX] = used_idx & 0xFFFF
+        self._counter = 0
+        self._mark_initialised()
+        return False
 
     def on_pop(self, head: int) -> None:
         """A chain with this head was taken from the available ring."""
@@ -261,6 +305,11 @@ class PackedInflightEntry:
 
 class PackedInflightHooks(Protocol):
     """What a packed queue calls so that its in-flight buffers survive a back-end crash."""
+
+    def begin(self, used_idx: int, used_wrap: bool) -> bool:
+        """The queue starts at this used position; True if a previous back-end's state is to
+        be recovered (see :meth:`PackedInflightQueue.begin`)."""
+        ...
 
     def on_pop(
         self, descriptors: Sequence[tuple[int, int, int, int]], used_idx: int, used_wrap: bool
@@ -358,6 +407,31 @@ class PackedInflightQueue(_QueueViews):
         self._free_head = self._u16[_P_FREE_HEAD]
 
     # -- PackedInflightHooks --------------------------------------------------------------------
+
+    def begin(self, used_idx: int, used_wrap: bool) -> bool:
+        """A queue starts on this tracker at this used position; True if it must recover.
+
+        A fresh region gets an empty free list over every entry and the queue's position (the
+        one SET_VRING_BASE gave); a version-1 region is recovered the first time only.
+        """
+        if not self._claim():
+            return False
+        if not self.fresh:
+            return True
+        u8, u16 = self._u8, self._u16
+        for j in range(self.queue_size):
+            u8[_PD_INFLIGHT_B + 32 * j] = 0
+            u16[_PD_NEXT_H + 16 * j] = j + 1
+        u16[_P_FREE_HEAD] = 0
+        u16[_P_OLD_FREE_HEAD] = 0
+        u8[_P_USED_WRAP_B] = int(used_wrap)
+        u8[_P_OLD_USED_WRAP_B] = int(used_wrap)
+        u16[_P_USED_IDX] = used_idx
+        u16[_P_OLD_USED_IDX] = used_idx
+        self._pending.clear()
+        self._load()
+        self._mark_initialised()
+        return False
 
     def on_pop(
         self, descriptors: Sequence[tuple[int, int, int, int]], used_idx: int, used_wrap: bool
@@ -497,9 +571,9 @@ class InflightRegion(Closing):
     ) -> tuple[InflightRegion, int, int]:
         """GET_INFLIGHT_FD: a zeroed, sealed memfd region; returns ``(region, fd, mmap_size)``.
 
-        Every queue region gets version 1 and ``desc_num``; in packed format the free list links
-        all entries and both wrap counters start at 1. The region owns ``fd`` (closed by
-        :meth:`close`); sending it with SCM_RIGHTS hands the front-end a duplicate.
+        Every queue region stays version 0 (fresh) until its queue starts: see the module
+        docstring. The region owns ``fd`` (closed by :meth:`close`); sending it with SCM_RIGHTS
+        hands the front-end a duplicate.
         """
         _check_geometry("GET_INFLIGHT_FD", num_queues, queue_size)
         size = inflight_mmap_size(num_queues, queue_size, packed)
@@ -515,8 +589,6 @@ class InflightRegion(Closing):
         region = cls(
             fd, buf, mmap_size=size, num_queues=num_queues, queue_size=queue_size, packed=packed
         )
-        for i in range(num_queues):
-            region._initialise_queue(i)
         return region, fd, size
 
     @classmethod
@@ -532,8 +604,8 @@ class InflightRegion(Closing):
         """SET_INFLIGHT_FD: map the region the front-end kept; takes ownership of ``fd``.
 
         The size must be exactly what :meth:`create` makes for this geometry and every queue
-        header must carry version 1 and ``desc_num == queue_size`` (a version-0, never used queue
-        region is initialised); otherwise :class:`InflightError` (and ``fd`` is closed).
+        header must carry version 0 (fresh) or version 1 with ``desc_num == queue_size``;
+        otherwise :class:`InflightError` (and ``fd`` is closed).
         """
         try:
             _check_geometry("SET_INFLIGHT_FD", num_queues, queue_size)
@@ -591,28 +663,6 @@ class InflightRegion(Closing):
         base = i * self.queue_region_size
         return memoryview(self.buffer)[base : base + 16].cast("H")
 
-    def _initialise_queue(self, i: int) -> None:
-        header = self._header(i)
-        try:
-            header[_H_VERSION] = INFLIGHT_VERSION
-            header[_H_DESC_NUM] = self.queue_size
-        finally:
-            header.release()
-        if self.packed:
-            base = i * self.queue_region_size
-            region = memoryview(self.buffer)[base : base + self.queue_region_size]
-            u16 = region.cast("H")
-            try:
-                u16[_P_FREE_HEAD] = 0
-                u16[_P_OLD_FREE_HEAD] = 0
-                region[_P_USED_WRAP_B] = 1
-                region[_P_OLD_USED_WRAP_B] = 1
-                for j in range(self.queue_size):
-                    u16[_PD_NEXT_H + 16 * j] = j + 1
-            finally:
-                u16.release()
-                region.release()
-
     def _validate_queue(self, i: int) -> None:
         header = self._header(i)
         try:
@@ -620,7 +670,6 @@ class InflightRegion(Closing):
         finally:
             header.release()
         if version == 0:
-            self._initialise_queue(i)
             return
         if version != INFLIGHT_VERSION:
             raise InflightError(

@@ -235,6 +235,7 @@ class PackedQueue:
         self._used_since_signal = 0
         self._signalled_valid = False
         self._broken: str | None = None
+        self._recover_pending = inflight is not None and inflight.begin(used_idx, bool(used_wrap))
 
     def close(self) -> None:
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
@@ -474,6 +475,18 @@ class PackedQueue:
             raise self._fail(f"resubmitted chain: buffer id {chain.head} is already in flight")
         self._outstanding[chain.head] = (len(descriptors), writable_gpas)
         return chain
+
+    def resume_inflight(self) -> list[DescriptorChain]:
+        """At start: chains to redo first if the inflight region holds a previous back-end's.
+
+        Only once per region, and only for a region that was in use (version 1): then the ring
+        position always comes from the region (after a crash no index in guest memory tells it,
+        as DPDK does). A fresh region was initialised at this queue's position when it was built.
+        """
+        if not self._recover_pending:
+            return []
+        self._recover_pending = False
+        return self.recover_inflight()
 
     def recover_inflight(self) -> list[DescriptorChain]:
         """After a reconnect: run the inflight recovery and return the chains to redo, in pop order.

@@ -68,6 +68,16 @@ class DeviceQueue(Protocol):
         """Whether at least one chain is available to pop."""
         ...
 
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed back (a stop waits for them)."""
+        ...
+
+    def resume_inflight(self) -> list[DescriptorChain]:
+        """Chains a previous back-end left in flight, to redo first when the queue starts (once;
+        empty without an inflight region that holds such state)."""
+        ...
+
 
 class SplitInflightHooks(Protocol):
     """Inflight-I/O tracking for a split queue (vhost-user ``inflight`` section ordering).
@@ -76,6 +86,11 @@ class SplitInflightHooks(Protocol):
     batch before storing used.idx (link the batch so a crash in between can be replayed), and
     ``after_publish`` after the store (clear those entries and record the new used_idx).
     """
+
+    def begin(self, used_idx: int) -> bool:
+        """The queue starts with this used.idx; True if a previous back-end's state is to be
+        recovered (a fresh region is initialised instead)."""
+        ...
 
     def on_pop(self, head: int) -> None:
         """Mark descriptor ``head`` inflight."""

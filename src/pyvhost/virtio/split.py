@@ -171,6 +171,7 @@ class SplitQueue:
         self._used_log_gpa = used_gpa if used_log_gpa is None else used_log_gpa
         self._inflight = inflight
         self._broken: str | None = None
+        self._recover_pending = inflight is not None and inflight.begin(self._used_idx)
 
     def close(self) -> None:
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
@@ -204,17 +205,38 @@ class SplitQueue:
         """GET_VRING_BASE: the next available index the device would process."""
         return self._last_avail
 
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed back."""
+        return (self._last_avail - self._used_idx) & 0xFFFF
+
     def recover_inflight(self) -> list[DescriptorChain]:
         """After a reconnect: the chains a previous back-end popped and never completed, in order.
 
         Needs the queue's ``inflight`` hooks over the adopted region. As libvhost-user does, the
         queue then resumes at ``used.idx + len(chains)`` (the front-end set the base to used.idx).
         """
+        return self._recover(reposition=True)
+
+    def resume_inflight(self) -> list[DescriptorChain]:
+        """At start: chains to redo first if the inflight region holds a previous back-end's.
+
+        Only once per region, and only for a region that was in use (version 1): a fresh region
+        was initialised at this queue's position when it was built. When nothing is in flight
+        the position SET_VRING_BASE gave stands.
+        """
+        if not self._recover_pending:
+            return []
+        self._recover_pending = False
+        return self._recover(reposition=False)
+
+    def _recover(self, *, reposition: bool) -> list[DescriptorChain]:
         tracker = self._inflight
         if tracker is None:
             raise TypeError(f"queue {self.queue_index}: recover_inflight needs inflight hooks")
         heads = tracker.recover(self._used_idx)
-        self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
+        if heads or reposition:
+            self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
         table = self._mem.fast_table()
         return [self._parse(head, table) for head in heads]
 
