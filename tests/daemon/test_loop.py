@@ -393,3 +393,47 @@ def test_reset_device_stops_the_rings_and_calls_on_reset(sock: str) -> None:
         rig.submit(0, [b"y"], [4])
         time.sleep(0.1)
         assert rig.rings[0].driver.get_used() == []  # the ring is gone with the reset
+
+
+class LateCompleter(Device):
+    """Pops chains in handle_queue and completes them later from a thread of its own."""
+
+    num_queues = 1
+    queue_size = 16
+    delay = 0.4
+
+    def __init__(self) -> None:
+        self.completed_at: list[float] = []
+        self.popped = threading.Event()
+
+    def handle_queue(self, index, queue, mem):  # type: ignore[no-untyped-def]
+        chains = queue.pop_batch(16)
+        if not chains:
+            return
+        self.popped.set()
+
+        def complete() -> None:
+            time.sleep(self.delay)
+            queue.push_batch([(c.head, 0) for c in chains])
+            self.completed_at.append(time.monotonic())
+            self.notify(index)
+
+        threading.Thread(target=complete, daemon=True).start()
+
+
+def test_get_vring_base_waits_for_chains_the_device_still_holds(sock: str) -> None:
+    """The spec: GET_VRING_BASE replies once in-flight requests are done; the base then says
+    where the device stopped and the used ring holds every completion."""
+    dev = LateCompleter()
+    with _serve(dev, sock).run_in_thread(), Rig(sock) as rig:
+        for _ in range(3):
+            rig.submit(0, [b"x"], [], kick=False)
+        rig.kick(0, force=True)
+        assert dev.popped.wait(5)
+        assert not dev.completed_at
+        assert rig.fe is not None
+        base = rig.fe.get_vring_base(0)
+        replied = time.monotonic()
+        assert dev.completed_at and dev.completed_at[0] <= replied
+        assert base == 3
+        assert len(rig.rings[0].driver.get_used()) == 3
