@@ -9,8 +9,9 @@ import os
 import queue
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,12 +24,17 @@ from pyvhost.errors import (
 )
 from pyvhost.user.channel import BackendRequestHandler, Channel
 from pyvhost.user.connection import Connection, socketpair
+from pyvhost.user.device import VringNotifier
 from pyvhost.user.messages import (
     U64,
     BackendRequest,
     IotlbMsg,
+    Message,
     MMapRequest,
+    VringState,
     encode_header,
+    encode_message,
+    encode_reply,
 )
 
 UUID = uuid.UUID("12345678-1234-5678-9abc-def012345678")
@@ -157,9 +163,9 @@ def test_callback_exception_is_a_nack_and_handler_survives(
     handler = BackendRequestHandler(on_vring_call=boom)
     with channel_pair(handler) as ch, caplog.at_level(logging.ERROR):
         with pytest.raises(ReplyError, match="status 1"):
-            ch.vring_call(1)
+            ch.vring_call(1, sync=True)
         with pytest.raises(ReplyError):
-            ch.vring_call(2)
+            ch.vring_call(2, sync=True)
         assert calls == [1, 2]
         assert handler.running
     assert "device exploded" in caplog.text
@@ -170,7 +176,7 @@ def test_missing_callback_is_a_nack() -> None:
         channel_pair(BackendRequestHandler()) as ch,
         pytest.raises(ReplyError, match="BACKEND_VRING_ERR"),
     ):
-        ch.vring_err(0)
+        ch.vring_err(0, sync=True)
 
 
 def test_without_reply_ack_nothing_is_awaited() -> None:
@@ -236,7 +242,7 @@ def test_thread_safe_acks() -> None:
         def worker(i: int) -> None:
             try:
                 for _ in range(50):
-                    ch.vring_call(i)
+                    ch.vring_call(i, sync=True)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -324,7 +330,7 @@ def _raw_frontend(reply: bytes | None) -> tuple[Channel, Connection, threading.T
 def test_wrong_reply_closes_the_channel(reply: bytes) -> None:
     ch, peer, thread = _raw_frontend(reply)
     with pytest.raises(ProtocolError, match="BACKEND_VRING_CALL"):
-        ch.vring_call(0)
+        ch.vring_call(0, sync=True)
     assert ch.closed
     with pytest.raises(ConnectionClosedError):
         ch.vring_call(0)
@@ -373,3 +379,245 @@ def test_handler_start_twice_refused() -> None:
     handler.close()
     b.close()
     d.close()
+
+
+# --- in-band notifications: fire-and-forget ----------------------------------------------------
+
+SMALL_BUFFER = 4096
+"""Socket buffer size that makes a burst of notifications fill the socket (back-pressure)."""
+
+
+def _small_socketpair() -> tuple[Connection, Connection]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    return Connection(a), Connection(b)
+
+
+def _never_receives(channel: Channel) -> list[str]:
+    """Make every receive on the channel's connection fail loudly; returns the list of tries."""
+    tries: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> Any:
+        tries.append("recv_frame")
+        raise AssertionError("a notification waited for a reply")
+
+    channel.conn.recv_frame = refuse  # type: ignore[method-assign]
+    return tries
+
+
+def test_notifications_carry_no_need_reply_and_wait_for_nothing() -> None:
+    front, back = socketpair()
+    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=0.1)
+    tries = _never_receives(ch)
+    try:
+        ch.vring_call(3)
+        ch.vring_err(4)
+        call = front.recv_request(5, backend_channel=True)
+        err = front.recv_request(5, backend_channel=True)
+    finally:
+        ch.close()
+        front.close()
+    assert (call.request, call.payload, call.flags) == (
+        BackendRequest.VRING_CALL,
+        VringState(3, 0),
+        0x1,
+    )
+    assert (err.request, err.payload, err.flags) == (
+        BackendRequest.VRING_ERR,
+        VringState(4, 0),
+        0x1,
+    )
+    assert tries == []
+
+
+def test_sync_notification_waits_for_the_front_end() -> None:
+    rec = Recorder()
+    with channel_pair(rec.handler()) as ch:
+        ch.vring_call(7, sync=True)
+        assert rec.calls.get_nowait() == ("vring_call", (7,))  # processed before the return
+        ch.vring_err(8, sync=True)
+        assert rec.calls.get_nowait() == ("vring_err", (8,))
+
+
+def test_sync_without_reply_ack_cannot_wait() -> None:
+    front, back = socketpair()
+    ch = Channel(back, reply_ack=False, send_fd=True, reply_timeout=0.1)
+    try:
+        ch.vring_call(1, sync=True)
+        assert not front.recv_request(5, backend_channel=True).need_reply
+    finally:
+        ch.close()
+        front.close()
+
+
+def test_burst_from_two_threads_while_the_front_end_reads_slowly() -> None:
+    """Two workers notify while the front-end is not reading, then reads slowly: the senders
+    only wait for room in the socket, never for a reply, and every frame arrives whole and in
+    each sender's order."""
+    per_thread = 2000
+    front, back = _small_socketpair()
+    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=0.1)
+    tries = _never_receives(ch)
+    errors: list[BaseException] = []
+    senders: dict[BackendRequest, Callable[[int], None]] = {
+        BackendRequest.VRING_CALL: ch.vring_call,
+        BackendRequest.VRING_ERR: ch.vring_err,
+    }
+
+    def worker(notify: Callable[[int], None]) -> None:
+        try:
+            for i in range(per_thread):
+                notify(i % 256)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f,)) for f in senders.values()]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # longer than the reply timeout: nobody reads, nobody replies
+    assert any(t.is_alive() for t in threads), "the burst should fill the small socket"
+    received: list[Message] = []
+    try:
+        while len(received) < 2 * per_thread:
+            received.append(front.recv_request(5, backend_channel=True))
+            if len(received) % 200 == 0:
+                time.sleep(0.005)
+    finally:
+        for t in threads:
+            t.join(10)
+        ch_closed = ch.closed
+        ch.close()
+        front.close()
+    assert errors == []
+    assert not ch_closed
+    assert tries == []
+    assert not any(m.need_reply for m in received)
+    for request in senders:
+        indices = [m.payload_as(VringState).index for m in received if m.request is request]
+        assert indices == [i % 256 for i in range(per_thread)], request.name
+
+
+def test_reply_ack_request_works_after_a_burst_of_calls() -> None:
+    calls = 0
+    lock = threading.Lock()
+
+    def on_call(index: int) -> None:
+        nonlocal calls
+        with lock:
+            calls += 1
+
+    changed = threading.Event()
+    handler = BackendRequestHandler(on_vring_call=on_call, on_config_change=changed.set)
+    with channel_pair(handler) as ch:
+        for i in range(1000):
+            ch.vring_call(i % 4)
+        ch.config_change()  # NEED_REPLY: its ack, and only its ack, is read
+        assert changed.is_set()
+        assert calls == 1000  # the front-end handles the channel in order
+        ch.vring_call(0, sync=True)
+        assert calls == 1001
+        assert not ch.closed
+
+
+def _ack_bytes(request: BackendRequest, status: int = 0) -> bytes:
+    data, _ = encode_message(encode_reply(request, U64(status)))
+    return data
+
+
+def test_stray_notification_acks_are_not_taken_for_a_reply() -> None:
+    front, back = socketpair()
+    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    try:
+        ch.vring_call(1)
+        ch.vring_err(2)
+        for _ in range(2):
+            assert not front.recv_request(5, backend_channel=True).need_reply
+        # a front-end that acks them anyway: the acks wait in the socket
+        front.send_bytes(
+            _ack_bytes(BackendRequest.VRING_CALL) + _ack_bytes(BackendRequest.VRING_ERR, 1)
+        )
+
+        def answer() -> None:
+            msg = front.recv_request(5, backend_channel=True)
+            assert msg.request is BackendRequest.CONFIG_CHANGE_MSG and msg.need_reply
+            front.send(encode_reply(msg.request, U64(3)))
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        with pytest.raises(ReplyError, match=r"CONFIG_CHANGE_MSG.*status 3"):
+            ch.config_change()  # the status is the one of its own ack
+        thread.join(5)
+        assert not ch.closed
+    finally:
+        ch.close()
+        front.close()
+
+
+def test_an_ack_to_a_notification_never_sent_is_still_a_wrong_reply() -> None:
+    front, back = socketpair()
+    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    try:
+        front.send_bytes(_ack_bytes(BackendRequest.VRING_CALL))
+        with pytest.raises(ProtocolError, match="reply is for BACKEND_VRING_CALL"):
+            ch.config_change()
+        assert ch.closed
+    finally:
+        ch.close()
+        front.close()
+
+
+def test_front_end_that_acks_every_notification_does_not_jam_the_channel() -> None:
+    """A front-end that answers even notifications without NEED_REPLY: its acks are drained as
+    the notifications go out, so it never blocks writing them, and later replies stay in step."""
+    front, back = _small_socketpair()
+    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    seen: list[Message] = []
+
+    def ack_everything() -> None:
+        with contextlib.suppress(ConnectionClosedError, OSError, ProtocolError):
+            while True:
+                msg = front.recv_request(backend_channel=True)
+                seen.append(msg)
+                front.send(encode_reply(msg.request, U64(0)))
+
+    responder = threading.Thread(target=ack_everything, daemon=True)
+    responder.start()
+    errors: list[BaseException] = []
+
+    def burst() -> None:
+        try:
+            for i in range(5000):  # 100 kB of acks: far more than the small sockets hold
+                ch.vring_call(i % 256)
+            ch.config_change()
+            ch.vring_err(0, sync=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=burst, daemon=True)
+    sender.start()
+    sender.join(30)
+    try:
+        assert not sender.is_alive(), "the channel jammed"
+        assert errors == []
+        assert not ch.closed
+        assert len(seen) == 5002
+    finally:
+        ch.close()
+        front.close()
+        responder.join(5)
+
+
+def test_vring_notifier_calls_in_band_without_waiting() -> None:
+    rec = Recorder()
+    with channel_pair(rec.handler()) as ch:
+        notifier = VringNotifier(2)
+        notifier.set_inband(ch)
+        tries = _never_receives(ch)
+        notifier.call()
+        notifier.error()
+        assert rec.next() == ("vring_call", (2,))
+        assert rec.next() == ("vring_err", (2,))
+        assert tries == []
+        notifier.set_inband(None)

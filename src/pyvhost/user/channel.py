@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -18,6 +20,8 @@ from pyvhost.closing import Closing
 from pyvhost.errors import ConnectionClosedError, ProtocolError, ReplyError, UnsupportedRequestError
 from pyvhost.user.connection import Connection
 from pyvhost.user.messages import (
+    FLAG_REPLY,
+    HEADER_SIZE,
     U64,
     VRING_INDEX_MASK,
     VRING_NOFD,
@@ -31,6 +35,7 @@ from pyvhost.user.messages import (
     VringArea,
     VringState,
     close_fds,
+    decode_reply,
     encode_reply,
     encode_request,
     spec_for,
@@ -52,6 +57,10 @@ FAILURE = 1
 """Status the handler replies when a callback is missing or raises (any non-zero is failure)."""
 
 
+_NOTIFICATIONS = (BackendRequest.VRING_CALL, BackendRequest.VRING_ERR)
+_HEADER = struct.Struct("<III")
+
+
 def _check_index(name: str, index: int) -> None:
     if not 0 <= index <= VRING_INDEX_MASK:
         raise ValueError(f"{name}: vring index {index} is not in 0..{VRING_INDEX_MASK}")
@@ -61,9 +70,16 @@ class Channel(Closing):
     """Back-end side of the ``BACKEND_REQ`` channel: one method per back-end request.
 
     With ``reply_ack`` (REPLY_ACK negotiated) every request that has no reply of its own is
-    sent with NEED_REPLY, and a non-zero ack raises ReplyError. ``send_fd`` (BACKEND_SEND_FD
-    negotiated) is required for requests that carry an fd. Thread-safe: one request and its
-    reply at a time. A wrong reply, a timeout or a closed peer closes the channel.
+    sent with NEED_REPLY, and a non-zero ack raises ReplyError, except the in-band notifications
+    (``vring_call``, ``vring_err``): those are fire-and-forget unless asked to be ``sync``, so a
+    ring worker never waits for the front-end. ``send_fd`` (BACKEND_SEND_FD negotiated) is
+    required for requests that carry an fd.
+
+    Thread-safe: frames never interleave (the connection serialises sends); requests that wait
+    for a reply take turns, and notifications go out between them without waiting their turn.
+    An ack the front-end sends to a notification nobody waits for is read and dropped, never
+    taken for the reply to a later request. A wrong reply, a timeout or a closed peer closes
+    the channel.
     """
 
     def __init__(
@@ -80,6 +96,9 @@ class Channel(Closing):
         self.reply_timeout = reply_timeout
         self._lock = threading.Lock()
         self._closed = False
+        self._unasked_lock = threading.Lock()
+        self._unasked: dict[int, int] = dict.fromkeys(_NOTIFICATIONS, 0)
+        """Notifications sent without NEED_REPLY and not acked (by a front-end that acks them)."""
 
     @property
     def closed(self) -> bool:
@@ -105,15 +124,19 @@ class Channel(Closing):
         fds = [] if fd is None else [fd]
         self._request(BackendRequest.VRING_HOST_NOTIFIER_MSG, VringArea(u64, size, offset), fds)
 
-    def vring_call(self, index: int) -> None:
-        """BACKEND_VRING_CALL: in-band used-buffer notification for vring ``index``."""
-        _check_index("BACKEND_VRING_CALL", index)
-        self._request(BackendRequest.VRING_CALL, VringState(index, 0))
+    def vring_call(self, index: int, *, sync: bool = False) -> None:
+        """BACKEND_VRING_CALL: in-band used-buffer notification for vring ``index``.
 
-    def vring_err(self, index: int) -> None:
-        """BACKEND_VRING_ERR: in-band error notification for vring ``index``."""
-        _check_index("BACKEND_VRING_ERR", index)
-        self._request(BackendRequest.VRING_ERR, VringState(index, 0))
+        Fire-and-forget: no NEED_REPLY, nothing awaited but room in the socket. ``sync`` (with
+        REPLY_ACK) sets NEED_REPLY and waits until the front-end has processed the call, for
+        simulations that need lock-step (libvhost-user's ``vu_queue_notify_sync``); a non-zero
+        ack then raises ReplyError.
+        """
+        self._notify(BackendRequest.VRING_CALL, index, sync)
+
+    def vring_err(self, index: int, *, sync: bool = False) -> None:
+        """BACKEND_VRING_ERR: in-band error notification for vring ``index`` (as vring_call)."""
+        self._notify(BackendRequest.VRING_ERR, index, sync)
 
     def iotlb(self, msg: IotlbMsg) -> None:
         """BACKEND_IOTLB_MSG: an IOTLB miss or access failure."""
@@ -156,6 +179,72 @@ class Channel(Closing):
 
     # --- machinery ---------------------------------------------------------------------------
 
+    def _notify(self, request: BackendRequest, index: int, sync: bool) -> None:
+        name = f"BACKEND_{request.name}"
+        _check_index(name, index)
+        if sync and self.reply_ack:
+            self._request(request, VringState(index, 0))
+            return
+        msg = encode_request(request, VringState(index, 0))
+        if self._closed:
+            raise ConnectionClosedError(f"{name}: the back-end request channel is closed")
+        with self._unasked_lock:
+            self._unasked[request] += 1
+        try:
+            self.conn.send(msg)
+        except (ConnectionClosedError, OSError) as exc:
+            self.close()
+            raise ConnectionClosedError(f"{name}: {exc}") from exc
+        self._drop_stray_acks()
+
+    def _drop_stray_acks(self) -> None:
+        """Read acks to notifications already waiting in the socket, if no request is waiting
+        for its reply: a front-end that acks every notification must not fill the socket until
+        it blocks writing and stops reading ours."""
+        if not self._lock.acquire(blocking=False):
+            return  # a request is waiting for its reply and skips them itself
+        try:
+            while self._stray_ack_waiting():
+                frame = self.conn.recv_frame(self.reply_timeout, backend_channel=True)
+                close_fds(frame.fds)
+        except (TimeoutError, ProtocolError, ConnectionClosedError, OSError) as exc:
+            log.debug("back-end channel: %s while dropping notification acks", exc)
+        finally:
+            self._lock.release()
+
+    def _stray_ack_waiting(self) -> bool:
+        try:
+            head = self.conn.socket.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError: nothing to read
+            return False
+        if len(head) < HEADER_SIZE:
+            return False
+        number, flags, _ = _HEADER.unpack(head)
+        return self._take_stray_ack(number, flags, None)
+
+    def _take_stray_ack(self, number: int, flags: int, awaited: BackendRequest | None) -> bool:
+        """Whether a frame with this header acks a notification sent without NEED_REPLY (and
+        is not the reply awaited, which wins when they are alike); if so it is counted."""
+        if number == awaited or not flags & FLAG_REPLY or number not in self._unasked:
+            return False
+        with self._unasked_lock:
+            if self._unasked[number] == 0:
+                return False
+            self._unasked[number] -= 1
+        return True
+
+    def _recv_reply(self, request: BackendRequest) -> Message:
+        """The reply to ``request``, skipping acks to notifications that nobody waits for."""
+        deadline = time.monotonic() + self.reply_timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            frame = self.conn.recv_frame(remaining, backend_channel=True)
+            header = frame.header
+            if self._take_stray_ack(header.request, header.flags, request):
+                close_fds(frame.fds)
+                continue
+            return decode_reply(request, header, frame.payload, frame.fds, backend_channel=True)
+
     def _request(
         self, request: BackendRequest, payload: Payload, fds: list[int] | None = None
     ) -> Message | None:
@@ -175,7 +264,7 @@ class Channel(Closing):
                 self.conn.send(msg)
                 if not (need_reply or spec.always_replies):
                     return None
-                reply = self.conn.recv_reply(request, self.reply_timeout, backend_channel=True)
+                reply = self._recv_reply(request)
             except TimeoutError as exc:
                 self.close()
                 raise TimeoutError(

@@ -65,7 +65,8 @@ class VringNotifier:
     The handler owns the fds and may swap them while the ring runs (SET_VRING_CALL on the fly);
     ``call`` / ``error`` are safe to use from any thread. A call on a ring without a call fd goes
     in-band (``BACKEND_VRING_CALL``) when INBAND_NOTIFICATIONS was negotiated, else nowhere:
-    the front-end polls.
+    the front-end polls. In-band notifications are fire-and-forget, as eventfd writes are: the
+    caller never waits for the front-end (see :meth:`Channel.vring_call`).
     """
 
     def __init__(self, index: int) -> None:
@@ -101,15 +102,18 @@ class VringNotifier:
         except (OSError, ValueError):
             return 0
 
-    def call(self) -> None:
-        """Tell the driver that used buffers are ready (used-buffer notification)."""
+    def call(self, *, sync: bool = False) -> None:
+        """Tell the driver that used buffers are ready (used-buffer notification).
+
+        ``sync`` only matters in-band: wait until the front-end has processed the call.
+        """
         with self._lock:
             if self._call_fd is not None:
                 _signal(self._call_fd)
                 return
             channel = self._inband
         if channel is not None:
-            channel.vring_call(self.index)
+            channel.vring_call(self.index, sync=sync)
 
     def error(self) -> None:
         """Tell the front-end this ring hit an error (err eventfd or BACKEND_VRING_ERR)."""
