@@ -108,6 +108,7 @@ class Rig:
                 base = 0
             fe.start_vring(q, self.qsize, ring.addr, base, ring.kick, ring.call)
             fe.set_vring_err(q, ring.err)
+            drain(ring.call)  # the back-end signals a new call fd once (libvhost-user does)
 
     def _new_ring(self, q: int) -> Ring:
         desc, avail, used, _ = split_layout(self.qsize, GPA + RING_AREA * q)

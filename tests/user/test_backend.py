@@ -416,6 +416,7 @@ def test_call_fd_receives_notifications(ready: Peer) -> None:
     call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
         ready.send(Request.SET_VRING_CALL, U64(0), fds=[call])
+        assert os.eventfd_read(call) == 1  # signalled once when installed
         _, notifier = ready.device.queues[0]
         notifier.call()
         assert os.eventfd_read(call) == 1
@@ -1032,3 +1033,15 @@ def test_split_fresh_inflight_region_then_crash_before_any_completion(
         first.handler.close()
         first.fe.close()
         first.mem = None
+
+
+def test_set_vring_call_signals_the_new_fd_once(ready: Peer) -> None:
+    """libvhost-user does: completions a crashed predecessor published are then noticed."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        ready.send(Request.SET_VRING_CALL, U64(0), fds=[efd])
+        assert os.eventfd_read(efd) == 1
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+    finally:
+        os.close(efd)

@@ -167,6 +167,7 @@ def test_every_request_round_trips(pair: Pair) -> None:
             driver = SplitDriver(mem, QSIZE, desc, avail, used)
             addr = VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0)
             fe.start_vring(0, QSIZE, addr, 0, efd, call)
+            assert os.eventfd_read(call) == 1  # a new call fd is signalled once
             queue, notifier = device.queues[0]
             mem.write(0x20000, b"hello")
             driver.add([(0x20000, 5)], [])

@@ -950,8 +950,14 @@ class BackendHandler:
         self._maybe_start(vring)
 
     def _set_vring_call(self, msg: Message) -> None:
+        """Install the call fd and signal it once, as libvhost-user does: completions a crashed
+        predecessor published without a notification are otherwise never noticed (a spurious
+        call costs the driver one look at its used ring)."""
         vring, fd = self._vring_fd(msg)
         vring.notifier.set_call_fd(fd)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
 
     def _set_vring_err(self, msg: Message) -> None:
         vring, fd = self._vring_fd(msg)
