@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TOOL_MODULES: tuple[str, ...] = (
     "pyvhost.cli.serve",
     "pyvhost.cli.probe",
+    "pyvhost.cli.check",
     "pyvhost.cli.trace",
     "pyvhost.cli.exercise",
     "pyvhost.cli.demo",
