@@ -527,3 +527,26 @@ def test_rings_must_be_aligned_and_mapped(no_fd_leak: None) -> None:
             PackedQueue(mem, 8, MiB - 64, 0x2000, 0x2004)
         with pytest.raises(ValueError, match="used_idx 8 out of range"):
             PackedQueue(mem, 8, 0x1000, 0x2000, 0x2004, used_idx=8)
+
+
+@pytest.mark.parametrize("regions", [1, 2])
+def test_pop_batch_returns_the_chains_before_a_malformed_one(regions: int) -> None:
+    """They were taken from the ring and must be completed; the error comes on the next pop."""
+    r = make_rig()
+    try:
+        if regions == 2:
+            r.mem.add_anonymous(MiB, guest_phys_addr=0x1000_0000)
+        r.raw_desc(0, DATA, 16, buf_id=0)
+        r.raw_desc(1, DATA + 16, 16, buf_id=1, flags=WRITE)
+        r.raw_desc(2, DATA, 16, buf_id=SIZE)  # buffer id beyond the ring
+        dev = r.queue()
+        chains = dev.pop_batch(8)
+        assert [c.head for c in chains] == [0, 1]
+        with pytest.raises(VirtqueueError, match="buffer id 8 >= queue size"):
+            dev.pop_batch(8)
+        dev.push_batch([(c.head, 0) for c in chains])
+        assert dev.in_flight == 0
+        del chains
+        dev.close()
+    finally:
+        r.close()

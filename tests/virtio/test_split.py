@@ -580,3 +580,29 @@ def test_region_removed_during_pop_is_not_the_guests_fault(
         dev.pop_batch(4) if batch else dev.pop()
     assert dev.broken is None
     assert dev.last_avail_idx == 0
+
+
+@pytest.mark.parametrize("regions", [1, 2])
+def test_pop_batch_returns_the_chains_before_a_malformed_one(regions: int) -> None:
+    """They were taken from the ring and must be completed; the error comes on the next pop."""
+    with GuestMemory.anonymous(MiB) as mem:
+        if regions == 2:
+            mem.add_anonymous(MiB, guest_phys_addr=0x1000_0000)
+        desc, avail, used, _ = split_layout(SIZE, 0)
+        rig = Rig(mem, desc, avail, used, SplitDriver(mem, SIZE, desc, avail, used))
+        rig.raw_desc(0, DATA, 16)
+        rig.raw_desc(1, DATA + 16, 16, NEXT, 2)
+        rig.raw_desc(2, DATA + 32, 16)
+        rig.raw_desc(3, DATA, 16, NEXT, 3)  # loops onto itself
+        rig.raw_avail(0, 1, 3)
+        dev = rig.queue()
+        chains = dev.pop_batch(8)
+        assert [c.head for c in chains] == [0, 1]
+        assert dev.last_avail_idx == 2
+        with pytest.raises(VirtqueueError, match="loops"):
+            dev.pop_batch(8)
+        dev.push_batch([(c.head, 0) for c in chains])
+        assert dev.used_idx == 2
+        del chains
+        dev.close()
+        rig.drv.close()

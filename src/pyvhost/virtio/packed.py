@@ -375,17 +375,24 @@ class PackedQueue:
         One-descriptor chains inside a one-region memory are built inline (a bare instance, the
         shared :data:`EMPTY` list for the absent side), as the split ring does; any other shape
         goes through :meth:`pop`, which validates it in full.
+
+        Chains taken before a malformed one are returned (they are in flight and must be
+        completed); the queue is then broken and the next pop raises the error.
         """
         self._check_broken()
         out: list[DescriptorChain] = []
         starts, sizes, views = self._mem.fast_table()
         if len(starts) != 1:
             pop = self.pop
-            while len(out) < max_n:
-                chain = pop()
-                if chain is None:
-                    break
-                out.append(chain)
+            try:
+                while len(out) < max_n:
+                    chain = pop()
+                    if chain is None:
+                        break
+                    out.append(chain)
+            except (VirtqueueError, GuestMemoryError):
+                if not out:
+                    raise
             return out
         base, extent, view = starts[0], sizes[0], views[0]
         ring = self._ring
@@ -454,6 +461,9 @@ class PackedQueue:
                 if pos == size:
                     pos = 0
                     wrap = not wrap
+        except (VirtqueueError, GuestMemoryError):
+            if not out:
+                raise
         finally:
             self._avail, self._avail_wrap = pos, wrap
         if taken and self.event_idx and self._notify_enabled:

@@ -293,6 +293,8 @@ class SplitQueue:
 
         The hot path: heads are read with one slice of the available ring, and chains of one
         direct descriptor inside one region are built inline; anything else goes to ``_parse``.
+        Chains taken before a malformed one are returned (they are in flight and must be
+        completed); the queue is then broken and the next pop raises the error.
         """
         if self._broken is not None:
             self._check_broken()
@@ -320,7 +322,11 @@ class SplitQueue:
                 parse = self._parse
                 out.extend(parse(head, table) for head in heads)
         except ValueError:  # a region view was released: the memory table changed under us
-            raise _table_changed(self.queue_index) from None
+            if not out:
+                raise _table_changed(self.queue_index) from None
+        except (VirtqueueError, GuestMemoryError):
+            if not out:
+                raise
         finally:
             last = (last + len(out)) & 0xFFFF
             self._last_avail = last
