@@ -36,13 +36,18 @@ def memory() -> Iterator[GuestMemory]:
 
 
 def pop_loop(queue: PackedQueue, max_n: int) -> list[DescriptorChain]:
-    """The reference batch: pop() until ``max_n`` chains or none (an error loses the batch)."""
+    """The reference batch: pop() until ``max_n`` chains or none; an error ends the batch and
+    is raised only when no chain was taken (the queue stays broken, so the next pop raises)."""
     out: list[DescriptorChain] = []
-    while len(out) < max_n:
-        chain = queue.pop()
-        if chain is None:
-            break
-        out.append(chain)
+    try:
+        while len(out) < max_n:
+            chain = queue.pop()
+            if chain is None:
+                break
+            out.append(chain)
+    except VirtqueueError:
+        if not out:
+            raise
     return out
 
 
