@@ -3,6 +3,7 @@ state machine, the error policy (NACK / error reply / close) and fd hygiene."""
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -1044,3 +1045,50 @@ def test_set_vring_call_signals_the_new_fd_once(ready: Peer) -> None:
             os.eventfd_read(efd)
     finally:
         os.close(efd)
+
+
+def test_rem_mem_reg_under_a_running_ring_pauses_it_until_the_memory_returns(
+    ready: Peer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU removes and re-adds regions while rings run (virtio-mem, merges): the ring keeps
+    its position, no error is signalled, and it serves again once ADD_MEM_REG brings it back."""
+    caplog.set_level(logging.INFO, "pyvhost.backend")
+    driver = ready.ring(0)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        ready.send(Request.SET_VRING_ERR, U64(0), fds=[err])
+        queue, _ = ready.device.queues[0]
+        for _ in range(3):
+            driver.add([(BUF_GPA, 4)], [])
+            driver.publish()
+            chain = queue.pop()
+            assert chain is not None
+            queue.push(chain.head, 0)
+        del chain, queue
+        assert ready.mem is not None
+        region = ready.mem.regions[0]
+        assert region.fd is not None
+        reply = ready.send(Request.REM_MEM_REG, MemRegMsg(_wire(region)), need_reply=True)
+        assert reply is not None and reply.payload == U64(0)
+        assert len(ready.handler.mem) == 0
+        assert 0 not in ready.device.queues
+        assert "vring 0 paused at base 0x3 until its memory is added back" in caplog.text
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(err)
+        reply = ready.send(
+            Request.ADD_MEM_REG, MemRegMsg(_wire(region)), fds=[region.fd], need_reply=True
+        )
+        assert reply is not None and reply.payload == U64(0)
+        queue, _ = ready.device.queues[0]
+        assert queue.get_base() == 3
+        driver.add([(BUF_GPA, 4)], [])
+        driver.publish()
+        chain = queue.pop()
+        assert chain is not None and chain.read_all() == ready.mem.read(BUF_GPA, 4)
+        queue.push(chain.head, 0)
+        assert len(driver.get_used()) == 4
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(err)
+    finally:
+        os.close(err)
+        driver.close()

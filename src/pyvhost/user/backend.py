@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyvhost.errors import (
     ConnectionClosedError,
+    GuestMemoryError,
     ProtocolError,
     UnsupportedRequestError,
     VhostError,
@@ -199,8 +200,6 @@ class _Vring:
     enabled: bool = False
     kick_set: bool = False
     queue: DeviceQueue | None = None
-    areas: tuple[tuple[str, int, int], ...] = ()
-    """``(what, gpa, length)`` of the ring parts of the started queue (REM_MEM_REG checks them)."""
 
     @property
     def started(self) -> bool:
@@ -590,10 +589,8 @@ class BackendHandler:
         )
 
     def _ring_areas(self, vring: _Vring, *parts: tuple[str, int, int]) -> tuple[int, ...]:
-        """Translate the ring parts to gpas and remember them in ``vring.areas``."""
-        areas = tuple((what, self._ring_gpa(what, vring, uva, n), n) for what, uva, n in parts)
-        vring.areas = areas
-        return tuple(gpa for _, gpa, _ in areas)
+        """Translate the ring parts ``(what, uva, length)`` to gpas."""
+        return tuple(self._ring_gpa(what, vring, uva, n) for what, uva, n in parts)
 
     def _maybe_start(self, vring: _Vring) -> None:
         """Start the ring once it has a kick, a size, addresses and memory to translate them."""
@@ -624,11 +621,15 @@ class BackendHandler:
             log.info("%s: vring %d stopped at base %#x", self.name, vring.index, vring.base)
 
     @contextlib.contextmanager
-    def _rings_paused(self) -> Iterator[None]:
+    def _rings_paused(self, *, removing: bool = False) -> Iterator[None]:
         """Stop the running rings around a memory change, then rebuild them on the new table.
 
         The change is committed once the body returns; a ring that no longer fits the new table
-        stays stopped (logged, its error notifier signalled) and does not stop the others.
+        stays stopped and does not stop the others. After SET_MEM_TABLE or ADD_MEM_REG that is
+        an error (logged, its error notifier signalled). After REM_MEM_REG (``removing``) it is
+        what QEMU does while running (virtio-mem, region merges): the ring waits, keeping its
+        position, and restarts when a later ADD_MEM_REG brings its memory back, as
+        libvhost-user remaps rings on demand.
         """
         running = [v for v in self.vrings if v.started]
         waiting = [v for v in self.vrings if v.kick_set and not v.started]
@@ -638,16 +639,18 @@ class BackendHandler:
             yield
         finally:
             for vring in running:
-                self._restart(vring)
+                self._restart(vring, removing=removing)
             for vring in waiting:
                 try:
                     self._maybe_start(vring)
                 except (VhostError, ValueError) as exc:
+                    if removing:
+                        continue
                     log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
                     with contextlib.suppress(VhostError, OSError):
                         vring.notifier.error()
 
-    def _restart(self, vring: _Vring) -> None:
+    def _restart(self, vring: _Vring, *, removing: bool = False) -> None:
         try:
             self._maybe_start(vring)
             if vring.started:
@@ -655,6 +658,15 @@ class BackendHandler:
             reason = "no memory is mapped"
         except (VhostError, ValueError) as exc:
             reason = str(exc)
+        if removing:
+            log.info(
+                "%s: vring %d paused at base %#x until its memory is added back: %s",
+                self.name,
+                vring.index,
+                vring.base or 0,
+                reason,
+            )
+            return
         log.error(
             "%s: vring %d stopped: it cannot restart on the new memory table: %s",
             self.name,
@@ -834,35 +846,26 @@ class BackendHandler:
     def _rem_mem_reg(self, msg: Message) -> None:
         region = msg.payload_as(MemRegMsg).region
         close_fds(msg.fds)  # the spec allows one fd here, to be closed unused
-        self._check_unused(msg.name, region)
-        with self._rings_paused():
+        self._find_region(region)
+        with self._rings_paused(removing=True):
             self.mem.remove_region(
                 region.guest_phys_addr, region.memory_size, region.userspace_addr
             )
             self.device.memory_changed(self.mem)
         log.info("%s: memory region removed: %s", self.name, region.describe())
 
-    def _check_unused(self, request: str, region: MemoryRegion) -> None:
-        """Refuse to remove the region a started ring lives in (nothing changes then)."""
-        match = [
-            r
-            for r in self.mem.regions
-            if (r.guest_phys_addr, r.size, r.userspace_addr)
-            == (region.guest_phys_addr, region.memory_size, region.userspace_addr)
-        ]
-        if not match:
-            return
-        start, end = match[0].guest_phys_addr, match[0].gpa_end
-        for vring in self.vrings:
-            if not vring.started:
-                continue
-            for what, gpa, length in vring.areas:
-                if gpa < end and start < gpa + length:
-                    raise ProtocolError(
-                        f"vring {vring.index} is started and its {what} (gpa {gpa:#x}) lies in "
-                        f"region gpa {start:#x} size {match[0].size:#x}: stop the ring first",
-                        request=request,
-                    )
+    def _find_region(self, region: MemoryRegion) -> None:
+        """Refuse (nothing changes) a REM_MEM_REG that names no mapped region, before any ring
+        is paused: the two memory tables must never silently diverge."""
+        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        if not any((r.guest_phys_addr, r.size, r.userspace_addr) == key for r in self.mem.regions):
+            raise GuestMemoryError(
+                f"no memory region with gpa {region.guest_phys_addr:#x} size "
+                f"{region.memory_size:#x} userspace_addr {region.userspace_addr:#x} to remove "
+                f"({len(self.mem)} regions mapped)",
+                address=region.guest_phys_addr,
+                length=region.memory_size,
+            )
 
     def _set_log_base(self, msg: Message) -> _Reply:
         area = msg.payload_as(Log)
