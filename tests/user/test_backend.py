@@ -1092,3 +1092,17 @@ def test_rem_mem_reg_under_a_running_ring_pauses_it_until_the_memory_returns(
     finally:
         os.close(err)
         driver.close()
+
+
+def test_access_platform_is_never_offered(no_fd_leak: None) -> None:
+    """Descriptor addresses are not translated through the IOTLB, so the bit is withheld even
+    from a device that asks for it."""
+    p = Peer(features=bit(VIRTIO_F_VERSION_1, vf.F_ACCESS_PLATFORM))
+    try:
+        offered = p.u64(Request.GET_FEATURES)
+        assert not offered >> vf.F_ACCESS_PLATFORM & 1
+        assert offered >> VIRTIO_F_VERSION_1 & 1
+        with pytest.raises(ProtocolError, match="were not offered"):
+            p.send(Request.SET_FEATURES, U64(offered | bit(vf.F_ACCESS_PLATFORM)))
+    finally:
+        p.close()

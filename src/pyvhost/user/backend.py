@@ -326,9 +326,12 @@ class BackendHandler:
     def offered_features(self) -> int:
         """GET_FEATURES: the device's features plus PROTOCOL_FEATURES and LOG_ALL.
 
-        LOG_ALL is offered when the device offers LOG_SHMFD (the handler does the dirty logging);
+        LOG_ALL is offered when the device offers LOG_SHMFD (the handler does the dirty logging).
+        VIRTIO_F_ACCESS_PLATFORM is never offered: the rings would have to translate every
+        descriptor address through the IOTLB (with IOTLB miss requests on the back-end channel),
+        and they do not; offering it would have them read guest-physical memory at IOVAs.
         """
-        offered = self.device.features | 1 << F_PROTOCOL_FEATURES
+        offered = self.device.features & ~(1 << vf.F_ACCESS_PLATFORM) | 1 << F_PROTOCOL_FEATURES
         if _has(self.device.protocol_features, PF.LOG_SHMFD):
             offered |= 1 << F_LOG_ALL
         return offered
@@ -510,19 +513,11 @@ class BackendHandler:
         return msg.fds.pop()
 
     def _ring_gpa(self, what: str, vring: _Vring, address: int, length: int) -> int:
-        """Translate a ring address (user address, or IOVA with ACCESS_PLATFORM) to a gpa."""
-        if _has(self.features, vf.F_ACCESS_PLATFORM):
-            address = self._iotlb_translate(address, length, what)
+        """Translate a ring address (a front-end user address) to a gpa."""
         try:
             return self.mem.uva_to_gpa(address, length)
         except VhostError as exc:
             raise ProtocolError(f"vring {vring.index}: {what}: {exc}") from exc
-
-    def _iotlb_translate(self, iova: int, length: int, what: str) -> int:
-        for (start, size), entry in self.iotlb.items():
-            if start <= iova and iova + length <= start + size:
-                return entry.uaddr + iova - start
-        raise ProtocolError(f"{what}: iova {iova:#x}+{length:#x} has no IOTLB entry")
 
     def _build_queue(self, vring: _Vring) -> DeviceQueue:
         addr = vring.addr
