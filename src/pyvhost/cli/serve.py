@@ -1,8 +1,8 @@
 """``pyvhost serve``: run a vhost-user back-end (blk, rng) on a Unix socket until SIGTERM / SIGINT.
 
     pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
-                      [--serial ID] [--workers N] [--queue-size N]
-    pyvhost serve rng --socket PATH [--client]
+                      [--serial ID] [--workers N] [--queue-size N] [--require-sealed-memory]
+    pyvhost serve rng --socket PATH [--client] [--require-sealed-memory]
 
 Connection events and errors are logged to stderr (one line each) unless ``--quiet``.
 """
@@ -47,6 +47,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="queue worker threads (default 1: one loop thread serves every queue)",
+    )
+    parser.add_argument(
+        "--require-sealed-memory",
+        action="store_true",
+        help=(
+            "refuse guest memory and dirty-log fds the front-end could still shrink (not sealed "
+            "with F_SEAL_SHRINK, as QEMU's memory-backend-memfd seals them) instead of warning"
+        ),
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
 
@@ -105,13 +113,20 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
 }
 
 
-def _report_memory_safety() -> None:
-    """Say how dirty-log bits will be set (a warning comes with it if not atomically)."""
+def _memory_safety(require_sealed: bool) -> None:
+    """Apply ``--require-sealed-memory``; say how dirty-log bits will be set (a warning comes
+    with it if not atomically) and what happens to fds the front-end could shrink."""
     from pyvhost.virtio.atomic import LOCKED, default_impl
+    from pyvhost.virtio.memory import set_require_sealed_default
 
+    set_require_sealed_default(require_sealed)
     impl = default_impl()
     how = "NOT atomic across processes" if impl == LOCKED else "atomic OR"
     log.info("dirty log: bits set with %s (%s)", impl, how)
+    log.info(
+        "guest memory: fds not sealed against shrinking are %s",
+        "refused (--require-sealed-memory)" if require_sealed else "accepted with a warning",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +139,15 @@ def run(args: argparse.Namespace) -> int:
             logging.basicConfig(
                 stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
-    _report_memory_safety()
+    _memory_safety(args.require_sealed_memory)
+    try:
+        return _serve(args)
+    finally:
+        _memory_safety_reset()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Build the device, serve it, release it (the body of :func:`run`)."""
     try:
         device = _FACTORIES[args.device](args)
     except (OSError, ValueError) as exc:
@@ -140,3 +163,10 @@ def run(args: argparse.Namespace) -> int:
         if callable(close):
             close()
     return 0
+
+
+def _memory_safety_reset() -> None:
+    """Back to the library default, for callers that run ``serve`` inside a larger process."""
+    from pyvhost.virtio.memory import set_require_sealed_default
+
+    set_require_sealed_default(False)

@@ -2,16 +2,21 @@
 
 Guest memory is untrusted input: every translation is bounds-checked against the region table and
 against 64-bit overflow, and a miss raises :class:`~pyvhost.errors.GuestMemoryError` naming the
-address, the length and the reason.
+address, the length and the reason. The files behind the mappings are the front-end's too: each is
+checked when mapped (big enough; sealed against shrinking, or warned about) and the dirty log,
+shared with other back-ends, is set with atomic ORs. See docs/memory-safety.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import logging
 import mmap
 import os
+import stat
 import threading
 import weakref
 from bisect import bisect_right
@@ -31,6 +36,7 @@ __all__ = [
     "Region",
     "RegionSpec",
     "deferred_unmaps",
+    "set_require_sealed_default",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,16 +69,93 @@ def _check_range(what: str, address: int, length: int) -> None:
         )
 
 
-def _map_shared(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, int]:
+_require_sealed_default = False
+
+
+def set_require_sealed_default(required: bool) -> None:
+    """Process-wide default of ``require_sealed`` for GuestMemory and DirtyLog (``pyvhost serve
+    --require-sealed-memory``); objects given an explicit value ignore it."""
+    global _require_sealed_default  # noqa: PLW0603
+    _require_sealed_default = required
+
+
+# Regions already warned about as unsealed: SET_MEM_TABLE re-sends every region on each change,
+# and one warning per region is enough. Bounded; forgetting only means warning again.
+_warned_unsealed: set[tuple[int, int, int, int, str]] = set()
+_WARNED_LIMIT = 4096
+
+
+def _seals(fd: int) -> int | None:
+    """The fd's seals, or None for a file that cannot have any (EINVAL: not on shmem/hugetlbfs;
+    tmpfs files that are not memfds answer F_SEAL_SEAL, and so can never be sealed either)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def _check_backing(fd: int, offset: int, size: int, what: str, require_sealed: bool) -> None:
+    """Refuse a file too small for the mapping; refuse or warn if it is not sealed against
+    shrinking (a front-end truncating a mapped file kills us with SIGBUS at the next access).
+    """
+    try:
+        st = os.fstat(fd)
+        seals = _seals(fd)
+    except OSError as exc:
+        raise GuestMemoryError(
+            f"{what}: cannot mmap fd {fd}: {exc}", address=offset, length=size
+        ) from exc
+    needed = offset + size
+    if stat.S_ISREG(st.st_mode) and st.st_size < needed:
+        raise GuestMemoryError(
+            f"{what}: cannot mmap fd {fd}: the file is {st.st_size:#x} bytes, smaller than "
+            f"mmap_offset {offset:#x} + size {size:#x} = {needed:#x}",
+            address=offset,
+            length=size,
+        )
+    if seals is not None and seals & fcntl.F_SEAL_SHRINK:
+        return
+    why = (
+        "not sealed against shrinking (its file system has no seals)"
+        if seals is None
+        else "not sealed against shrinking (no F_SEAL_SHRINK)"
+    )
+    if require_sealed:
+        raise GuestMemoryError(
+            f"{what}: fd {fd} is {why}: refused, sealed memory is required",
+            address=offset,
+            length=size,
+        )
+    key = (st.st_dev, st.st_ino, offset, size, what)
+    if key in _warned_unsealed:
+        return
+    if len(_warned_unsealed) >= _WARNED_LIMIT:
+        _warned_unsealed.clear()
+    _warned_unsealed.add(key)
+    log.warning(
+        "%s: fd %d is %s: the front-end could still truncate it, and the next access to the "
+        "lost pages would kill this process with SIGBUS",
+        what,
+        fd,
+        why,
+    )
+
+
+def _map_shared(
+    fd: int, offset: int, size: int, what: str, require_sealed: bool = False
+) -> tuple[mmap.mmap, int]:
     """Map ``size`` bytes of ``fd`` at ``offset`` (any alignment); return the mmap and the slack.
 
     mmap(2) needs a page-aligned offset, so we map from the aligned offset below and the caller
-    slices ``slack`` bytes off the front.
+    slices ``slack`` bytes off the front. The file is checked first (:func:`_check_backing`).
     """
     if size <= 0:
         raise GuestMemoryError(f"{what}: size {size:#x} must be positive", length=size)
     if offset < 0:
         raise GuestMemoryError(f"{what}: negative mmap offset {offset:#x}", address=offset)
+    _check_backing(fd, offset, size, what, require_sealed)
     granule = mmap.ALLOCATIONGRANULARITY
     aligned = offset - (offset % granule)
     slack = offset - aligned
@@ -91,6 +174,18 @@ def _map_shared(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, 
             length=size,
         ) from exc
     return mm, slack
+
+
+def _sealed_memfd(name: str, size: int) -> int:
+    """A fresh memfd of ``size`` bytes sealed against shrinking, as QEMU makes guest RAM."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # Mappings whose close() hit BufferError (views still exported). They stay mapped until every
@@ -202,12 +297,21 @@ class Region:
         size: int,
         guest_phys_addr: int,
         userspace_addr: int,
+        *,
+        require_sealed: bool | None = None,
     ) -> Region:
-        """Map a region from ``fd``; the fd is not kept (the caller may close it)."""
+        """Map a region from ``fd``; the fd is not kept (the caller may close it).
+
+        A file smaller than ``mmap_offset + size`` is refused; one not sealed against shrinking
+        is refused with ``require_sealed`` (None: the process default, see
+        :func:`set_require_sealed_default`), else warned about once.
+        """
+        if require_sealed is None:
+            require_sealed = _require_sealed_default
         what = f"memory region gpa {guest_phys_addr:#x} size {size:#x}"
         _check_range(what, guest_phys_addr, size)
         _check_range(f"{what} userspace_addr", userspace_addr, size)
-        mm, slack = _map_shared(fd, mmap_offset, size, what)
+        mm, slack = _map_shared(fd, mmap_offset, size, what, require_sealed)
         view = memoryview(mm)[slack : slack + size]
         return cls(guest_phys_addr, size, userspace_addr, mmap_offset, view, None, mm)
 
@@ -241,13 +345,24 @@ class DirtyLog:
     """
 
     def __init__(
-        self, fd: int, size: int, offset: int = 0, *, atomic_impl: str | None = None
+        self,
+        fd: int,
+        size: int,
+        offset: int = 0,
+        *,
+        atomic_impl: str | None = None,
+        require_sealed: bool | None = None,
     ) -> None:
+        """Map ``size`` bytes of ``fd`` at ``offset`` (checked as :meth:`Region.map` does;
+        ``require_sealed`` None means the process default, see
+        :func:`set_require_sealed_default`)."""
         impl = atomic.default_impl() if atomic_impl is None else atomic_impl
         or_byte = atomic.or_byte(impl)
         if or_byte is None and impl != atomic.LOCKED:
             raise GuestMemoryError(f"dirty log: atomic OR {impl!r} is not available here")
-        mm, slack = _map_shared(fd, offset, size, "dirty log")
+        if require_sealed is None:
+            require_sealed = _require_sealed_default
+        mm, slack = _map_shared(fd, offset, size, "dirty log", require_sealed)
         self._mm: mmap.mmap | None = mm
         self._view = memoryview(mm)[slack : slack + size]
         self.size = size
@@ -372,9 +487,8 @@ class DirtyLog:
     @classmethod
     def anonymous(cls, size: int, *, atomic_impl: str | None = None) -> tuple[DirtyLog, int]:
         """A log over a fresh memfd; returns the log and the fd (owned by the caller)."""
-        fd = os.memfd_create("pyvhost-dirty-log", os.MFD_CLOEXEC)
+        fd = _sealed_memfd("pyvhost-dirty-log", size)
         try:
-            os.ftruncate(fd, size)
             return cls(fd, size, atomic_impl=atomic_impl), fd
         except BaseException:
             os.close(fd)
@@ -389,7 +503,13 @@ class GuestMemory(Closing):
     already handed out stay valid (the mapping is kept until they are released).
     """
 
-    def __init__(self, regions: Iterable[RegionSpec] = ()) -> None:
+    def __init__(
+        self, regions: Iterable[RegionSpec] = (), *, require_sealed: bool | None = None
+    ) -> None:
+        """``require_sealed``: refuse region fds not sealed against shrinking (F_SEAL_SHRINK)
+        instead of warning; None means the process default (:func:`set_require_sealed_default`).
+        """
+        self.require_sealed = _require_sealed_default if require_sealed is None else require_sealed
         # Each table is one tuple, swapped with one store, so a reader on another thread never
         # pairs the starts of one table with the regions of another.
         self._regions: tuple[Region, ...] = ()
@@ -424,9 +544,8 @@ class GuestMemory(Closing):
         """Add a region over a fresh memfd that the region owns (see :meth:`anonymous`)."""
         if userspace_addr is None:
             userspace_addr = _DEFAULT_UVA_BASE + guest_phys_addr
-        fd = os.memfd_create("pyvhost-guest-ram", os.MFD_CLOEXEC)
+        fd = _sealed_memfd("pyvhost-guest-ram", size)
         try:
-            os.ftruncate(fd, size)
             region = self.add_region(fd, 0, size, guest_phys_addr, userspace_addr)
         except BaseException:
             os.close(fd)
@@ -487,7 +606,14 @@ class GuestMemory(Closing):
             _check_range("memory region", guest_phys_addr, size)
             _check_range("memory region userspace_addr", userspace_addr, size)
             self._check_overlap(spec, self._regions)
-            region = Region.map(fd, mmap_offset, size, guest_phys_addr, userspace_addr)
+            region = Region.map(
+                fd,
+                mmap_offset,
+                size,
+                guest_phys_addr,
+                userspace_addr,
+                require_sealed=self.require_sealed,
+            )
             self._install((*self._regions, region))
         return region
 
@@ -522,7 +648,7 @@ class GuestMemory(Closing):
         mapped: list[Region] = []
         try:
             for spec in wanted:
-                mapped.append(Region.map(*spec))
+                mapped.append(Region.map(*spec, require_sealed=self.require_sealed))
         except BaseException:
             for region in mapped:
                 region.close()
