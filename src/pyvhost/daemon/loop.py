@@ -276,8 +276,11 @@ class _Worker:
                     self.ready.clear()
                 if self.polling:
                     due.extend((s, False) for s in self.polling)
-            for state, kicked in due:
-                _service(state, kicked)
+            state = None
+            _service_all(due)
+            # No reference may outlive the round: a stopped queue's views into guest memory
+            # would keep the last front-end's memory mapped while the worker sleeps.
+            due.clear()
 
 
 def _drain(fd: int) -> int:
@@ -285,6 +288,11 @@ def _drain(fd: int) -> int:
         return int.from_bytes(os.read(fd, 8), "little")
     except (BlockingIOError, OSError):
         return 0
+
+
+def _service_all(due: list[tuple[_QueueState, bool]]) -> None:
+    for state, kicked in due:
+        _service(state, kicked)
 
 
 def _service(state: _QueueState, kicked: bool) -> None:
@@ -434,6 +442,16 @@ class EventLoop:
         with self._lock:
             state = self._states.get((id(device), index))
         return None if state is None else (state.kicks, state.calls)
+
+    def idle(self) -> None:
+        """Stop the worker threads while no queue is served (made again at the next start):
+        a daemon between front-ends then holds exactly the fds it held before the first."""
+        with self._lock:
+            if self._states:
+                return
+            threads, self._threads = self._threads, []
+        for worker in threads:
+            worker.stop()
 
     def stop(self) -> None:
         """Stop every queue and join the worker threads."""

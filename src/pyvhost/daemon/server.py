@@ -171,6 +171,7 @@ class Daemon:
         finally:
             with self._lock:
                 self._conn = None
+            self._loop.idle()
 
     def shutdown(self) -> None:
         """Stop: close the current connection, stop accepting; serve_forever then returns."""
