@@ -1,7 +1,8 @@
 """A real Linux guest for peer tests: Debian's cloud kernel and a busybox initramfs under TCG.
 
 The kernel and busybox are fetched with `apt-get download` and unpacked with `dpkg -x` into a
-cache (nothing is installed on the host). The initramfs /init reads a shell script from fw_cfg,
+cache (nothing is installed on the host). The host's e2fsprogs (mkfs.ext4, fsck.ext4) go in too,
+with the shared libraries ldd names for them. The initramfs /init reads a shell script from fw_cfg,
 runs it, prints its output and exit status between markers on a second serial port, powers off.
 Standard library only, so scripts/fetch-guest can run it without pytest.
 """
@@ -32,8 +33,18 @@ from .qemu import PeerError, QemuVM, find_binary
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_TEMPLATE = Path(__file__).with_name("guest_init.sh")
-INITRAMFS_FORMAT = 1
+INITRAMFS_FORMAT = 2
 """Bump when the initramfs layout changes in a way the content hash would not see."""
+
+HOST_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mke2fs", ("mkfs.ext4",)),
+    ("e2fsck", ("fsck.ext4",)),
+)
+"""Host programs copied to the guest's /sbin (with their libraries), and the names linked to
+them there. A missing one is left out; tests that need it skip on the host's lack of it. In
+/sbin they shadow busybox applets of the same name (``busybox --install`` keeps what exists)."""
+HOST_FILES: tuple[str, ...] = ("/etc/mke2fs.conf",)
+"""Configuration of the host tools, copied when present so the guest's mkfs matches the host's."""
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_pci",
@@ -347,21 +358,76 @@ class _Cpio:
     def char_device(self, name: str, major: int, minor: int) -> None:
         self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
 
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
         return self.buf.getvalue()
 
 
+_LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)$")
+
+
+def shared_libraries(binaries: Iterable[Path]) -> list[str]:
+    """Absolute paths of the shared libraries and dynamic loader `binaries` load, as ldd names
+    them (the loader under its PT_INTERP name); empty for static executables."""
+    found: dict[str, None] = {}
+    for binary in binaries:
+        if _is_static_elf(binary):
+            continue
+        ldd = find_binary("ldd")
+        if ldd is None:
+            raise PeerError("ldd not found (Debian package libc-bin)")
+        for raw in _run([ldd, str(binary)]).splitlines():
+            line = raw.strip()
+            if "not found" in line:
+                raise PeerError(f"ldd {binary}: {line}")
+            match = _LDD_PATH.search(line)
+            if match:
+                found[match.group(1)] = None
+            elif "=>" in line:
+                raise PeerError(f"ldd {binary}: cannot read the line {line!r}")
+    return list(found)
+
+
+def _host_file(name: str, path: Path) -> tuple[str, bytes, int]:
+    return name, path.read_bytes(), path.stat().st_mode & 0o777
+
+
+def host_tool_files(
+    tools: Sequence[tuple[str, Sequence[str]]] = HOST_TOOLS, files: Sequence[str] = HOST_FILES
+) -> tuple[list[tuple[str, bytes, int]], list[tuple[str, str]]]:
+    """(initramfs path, contents, permissions) of the host tools found, their libraries and
+    `files`; and (link, target) for the tools' other names."""
+    found = [(name, aliases, find_binary(name)) for name, aliases in tools]
+    present = [(name, aliases, Path(path).resolve()) for name, aliases, path in found if path]
+    contents = [_host_file(f"sbin/{name}", path) for name, _, path in present]
+    libraries = shared_libraries(path for _, _, path in present)
+    contents += [_host_file(lib.lstrip("/"), Path(lib)) for lib in libraries]
+    contents += [_host_file(f.lstrip("/"), Path(f)) for f in files if Path(f).is_file()]
+    links = [(f"sbin/{alias}", name) for name, aliases, _ in present for alias in aliases]
+    return contents, links
+
+
 def build_initramfs(
     kernel: Kernel, busybox: Path, cache: Path, modules: Sequence[str] = DEFAULT_MODULES
 ) -> Path:
-    """The gzipped initramfs for `kernel` with `modules`; cached under a hash of its contents."""
+    """The gzipped initramfs for `kernel` with `modules` and the host tools found; cached under
+    a hash of its contents."""
     order = module_load_order(kernel.modules_dir, modules)
     init = INIT_TEMPLATE.read_bytes()
     bb = busybox.read_bytes()
     contents = [(name, path.read_bytes()) for name, path in order]
+    extra, links = host_tool_files()
     digest = hashlib.sha256(f"format {INITRAMFS_FORMAT} {kernel.version}\n".encode())
-    for part in (init, bb, *(name.encode() + b"\0" + data for name, data in contents)):
+    for part in (
+        init,
+        bb,
+        *(name.encode() + b"\0" + data for name, data in contents),
+        *(f"{name} {perm:o}".encode() + b"\0" + data for name, data, perm in extra),
+        *(f"{link} -> {target}".encode() for link, target in links),
+    ):
         digest.update(hashlib.sha256(part).digest())
     target = cache / "initramfs" / f"{_safe(kernel.version)}-{digest.hexdigest()[:16]}.cpio.gz"
     if target.exists():
@@ -377,6 +443,15 @@ def build_initramfs(
     archive.file("etc/pyvhost/modules", "".join(f"{n}\n" for n, _ in contents).encode())
     for name, data in contents:
         archive.file(f"lib/modules/pyvhost/{name}.ko", data)
+    made = {"bin", "dev", "etc", "lib", "sbin", "usr", "usr/bin", "usr/sbin"}
+    for name, data, perm in extra:
+        for parent in reversed([str(p) for p in Path(name).parents if str(p) != "."]):
+            if parent not in made:
+                archive.directory(parent)
+                made.add(parent)
+        archive.file(name, data, perm)
+    for link, link_target in links:
+        archive.symlink(link, link_target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
