@@ -5,6 +5,7 @@ Load them with `pytest_plugins = ["peers.fixtures"]` in tests/conftest.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,14 +16,18 @@ from .guest import GuestAssets, GuestUnavailableError, ensure_guest
 from .qemu import QemuStorageDaemon, QemuVM, make_raw_image, require, short_tmpdir
 
 QSD_IMAGE_SIZE = 64 << 20
+KEEP_ENV = "PYVHOST_KEEP_PEER_DIRS"
+"""Set (to anything) to keep each test's peer directory (logs, images) after the test."""
 
 
 @pytest.fixture
 def peer_dir() -> Iterator[Path]:
-    """A fresh short directory under /tmp for sockets and logs (AF_UNIX paths stay < 107 bytes)."""
+    """A fresh short directory under /tmp for sockets and logs (AF_UNIX paths stay < 107 bytes);
+    removed afterwards unless $PYVHOST_KEEP_PEER_DIRS is set."""
     path = short_tmpdir()
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get(KEEP_ENV):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

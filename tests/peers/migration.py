@@ -33,6 +33,9 @@ GUEST_RAM_MEMFD = "/memfd:memory-backend-memfd"
 SIDE_FW_CFG = "pyvhost-side"
 SIDE_PATH = f"/sys/firmware/qemu_fw_cfg/by_name/opt/{SIDE_FW_CFG}/raw"
 SIDES = {"source": "source", "destination": "target"}
+HOLD_BANDWIDTH = 256 << 10
+"""Bytes/s while a migration is held (`MigrationPair.migrate`): a dirty page then takes 16 ms to
+send, ample time for a busy guest to dirty another before the next sync."""
 """What `SIDE_PATH` reads on each side (the same length on both)."""
 
 _T = TypeVar("_T")
@@ -198,10 +201,14 @@ class MigrationPair:
     ) -> dict[str, Any]:
         """Migrate the running source to the destination at most `max_bandwidth` bytes/s.
 
-        With `hold`, the migration cannot converge (downtime limit 1 ms) while `hold()` returns
-        True, asked at each poll once the first pass over RAM is done (two dirty-bitmap syncs):
-        e.g. until the guest has made progress the test can see, whatever the host's load; then
-        QEMU's downtime limit is restored and the migration completes.
+        With `hold`, the migration cannot converge while `hold()` returns True, asked at each
+        poll once the first pass over RAM is done (two dirty-bitmap syncs): e.g. until the guest
+        has made progress the test can see, whatever the host's load; then QEMU's downtime
+        limit and `max_bandwidth` are restored and the migration completes. While held, the
+        bandwidth is `HOLD_BANDWIDTH` and the downtime limit 1 ms: QEMU then switches over only
+        when a dirty-bitmap sync finds no page dirtied since the last one (at full bandwidth a
+        guest waiting for its disk dirties fewer than the 16 pages 1 ms allows, and the
+        migration would end under the hold).
 
         Returns once both sides report the migration completed, the source is in
         ``postmigrate`` and the destination ``paused`` (it has all of RAM and does not run);
@@ -215,13 +222,21 @@ class MigrationPair:
         src.qmp.execute("migrate-set-parameters", params)
         src.qmp.execute("migrate", {"uri": f"unix:{self.incoming}"})
         deadline = time.monotonic() + timeout
+        held = False
         while True:
             info = self._progress(src, deadline)
             if info.get("status") == "completed":
                 break
             syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-            if hold is not None and syncs >= 2 and not hold():
-                src.qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
+            if hold is None or syncs < 2:
+                continue
+            if hold():
+                if not held:
+                    src.qmp.execute("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
+                    held = True
+            else:
+                restore = {"downtime-limit": limit, "max-bandwidth": max_bandwidth}
+                src.qmp.execute("migrate-set-parameters", restore)
                 hold = None
         while self._progress(dst, deadline).get("status") != "completed":
             pass
@@ -322,6 +337,25 @@ def differing_pages(a: Path, b: Path, chunk: int = 1 << 20) -> list[tuple[int, i
             if x != y:
                 found.extend(_pages(x, y, offset))
             offset += chunk
+
+
+def page_detail(a: Path, b: Path, offset: int, limit: int = 12) -> str:
+    """The differing byte runs of the page at ``offset`` in files `a` and `b`: where in the page
+    and both sides' bytes (hex), the first `limit` runs."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(offset)
+        fb.seek(offset)
+        x, y = fa.read(PAGE), fb.read(PAGE)
+    runs: list[tuple[int, int]] = []
+    for i, (p, q) in enumerate(zip(x, y, strict=False)):
+        if p != q:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    shown = [f"+{s:#05x}: {x[s:e].hex()} vs {y[s:e].hex()}" for s, e in runs[:limit]]
+    more = [f"... {len(runs) - limit} more runs"] if len(runs) > limit else []
+    return f"page {offset:#x}: " + "; ".join(shown + more)
 
 
 def describe_pages(pages: list[tuple[int, int]], total: int, first: int = 8) -> str:
