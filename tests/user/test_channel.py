@@ -31,15 +31,41 @@ from pyvhost.user.messages import (
     IotlbMsg,
     Message,
     MMapRequest,
+    Negotiation,
+    ProtocolFeature,
     VringState,
     encode_header,
     encode_message,
     encode_reply,
 )
+from pyvhost.virtio.features import F_ACCESS_PLATFORM
 
 UUID = uuid.UUID("12345678-1234-5678-9abc-def012345678")
 MMAP = MMapRequest(shmid=1, fd_offset=0x1000, shm_offset=0x2000, len=0x3000, flags=1)
 IOTLB = IotlbMsg(iova=0x1000, size=0, uaddr=0, perm=1, type=1)
+
+
+def allowing(reply_ack: bool, send_fd: bool) -> Negotiation:
+    """A negotiation that opens every back-end request's gate, with or without these two."""
+    protocol = ALL_BACKEND_CHANNEL
+    protocol &= ~(0 if reply_ack else 1 << ProtocolFeature.REPLY_ACK)
+    protocol &= ~(0 if send_fd else 1 << ProtocolFeature.BACKEND_SEND_FD)
+    return Negotiation(features=1 << F_ACCESS_PLATFORM, protocol_features=protocol)
+
+
+ALL_BACKEND_CHANNEL = sum(
+    1 << f
+    for f in (
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.BACKEND_REQ,
+        ProtocolFeature.BACKEND_SEND_FD,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.HOST_NOTIFIER,
+        ProtocolFeature.INBAND_NOTIFICATIONS,
+        ProtocolFeature.SHARED_OBJECT,
+        ProtocolFeature.SHMEM,
+    )
+)
 
 
 class Recorder:
@@ -82,7 +108,7 @@ def channel_pair(
 ) -> Iterator[Channel]:
     a, b = socketpair()
     handler.start(a)
-    channel = Channel(b, reply_ack=reply_ack, send_fd=send_fd, reply_timeout=5)
+    channel = Channel(b, negotiation=allowing(reply_ack, send_fd), reply_timeout=5)
     try:
         yield channel
     finally:
@@ -316,7 +342,7 @@ def _raw_frontend(reply: bytes | None) -> tuple[Channel, Connection, threading.T
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    return Channel(a, reply_ack=True, send_fd=True, reply_timeout=0.3), b, thread
+    return Channel(a, negotiation=allowing(True, True), reply_timeout=0.3), b, thread
 
 
 @pytest.mark.parametrize(
@@ -409,7 +435,7 @@ def _never_receives(channel: Channel) -> list[str]:
 
 def test_notifications_carry_no_need_reply_and_wait_for_nothing() -> None:
     front, back = socketpair()
-    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=0.1)
+    ch = Channel(back, negotiation=allowing(True, True), reply_timeout=0.1)
     tries = _never_receives(ch)
     try:
         ch.vring_call(3)
@@ -443,7 +469,7 @@ def test_sync_notification_waits_for_the_front_end() -> None:
 
 def test_sync_without_reply_ack_cannot_wait() -> None:
     front, back = socketpair()
-    ch = Channel(back, reply_ack=False, send_fd=True, reply_timeout=0.1)
+    ch = Channel(back, negotiation=allowing(False, True), reply_timeout=0.1)
     try:
         ch.vring_call(1, sync=True)
         assert not front.recv_request(5, backend_channel=True).need_reply
@@ -458,7 +484,7 @@ def test_burst_from_two_threads_while_the_front_end_reads_slowly() -> None:
     each sender's order."""
     per_thread = 2000
     front, back = _small_socketpair()
-    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=0.1)
+    ch = Channel(back, negotiation=allowing(True, True), reply_timeout=0.1)
     tries = _never_receives(ch)
     errors: list[BaseException] = []
     senders: dict[BackendRequest, Callable[[int], None]] = {
@@ -528,7 +554,7 @@ def _ack_bytes(request: BackendRequest, status: int = 0) -> bytes:
 
 def test_stray_notification_acks_are_not_taken_for_a_reply() -> None:
     front, back = socketpair()
-    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    ch = Channel(back, negotiation=allowing(True, True), reply_timeout=5)
     try:
         ch.vring_call(1)
         ch.vring_err(2)
@@ -557,7 +583,7 @@ def test_stray_notification_acks_are_not_taken_for_a_reply() -> None:
 
 def test_an_ack_to_a_notification_never_sent_is_still_a_wrong_reply() -> None:
     front, back = socketpair()
-    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    ch = Channel(back, negotiation=allowing(True, True), reply_timeout=5)
     try:
         front.send_bytes(_ack_bytes(BackendRequest.VRING_CALL))
         with pytest.raises(ProtocolError, match="reply is for BACKEND_VRING_CALL"):
@@ -572,7 +598,7 @@ def test_front_end_that_acks_every_notification_does_not_jam_the_channel() -> No
     """A front-end that answers even notifications without NEED_REPLY: its acks are drained as
     the notifications go out, so it never blocks writing them, and later replies stay in step."""
     front, back = _small_socketpair()
-    ch = Channel(back, reply_ack=True, send_fd=True, reply_timeout=5)
+    ch = Channel(back, negotiation=allowing(True, True), reply_timeout=5)
     seen: list[Message] = []
 
     def ack_everything() -> None:

@@ -37,6 +37,7 @@ from pyvhost.user.messages import (
     MemoryTable,
     MemRegMsg,
     Message,
+    Negotiation,
     ProtocolFeature,
     Request,
     ShmemConfig,
@@ -598,7 +599,10 @@ def test_set_backend_req_fd_serves_backend_requests(pair: tuple[Frontend, FakeBa
     called = threading.Event()
     handler = fe.set_backend_req_fd(BackendRequestHandler(on_config_change=called.set))
     assert handler.running
-    channel = Channel(Connection(channel_sock[0]), reply_ack=True, send_fd=False)
+    channel = Channel(
+        Connection(channel_sock[0]),
+        negotiation=Negotiation(protocol_features=1 << PF.REPLY_ACK | 1 << PF.CONFIG),
+    )
     channel.config_change()
     assert called.is_set()
     channel.close()

@@ -30,7 +30,9 @@ from pyvhost.user.messages import (
     IotlbMsg,
     Message,
     MMapRequest,
+    Negotiation,
     Payload,
+    ProtocolFeature,
     SharedObject,
     VringArea,
     VringState,
@@ -38,6 +40,7 @@ from pyvhost.user.messages import (
     decode_reply,
     encode_reply,
     encode_request,
+    gate_refusal,
     spec_for,
 )
 
@@ -69,11 +72,13 @@ def _check_index(name: str, index: int) -> None:
 class Channel(Closing):
     """Back-end side of the ``BACKEND_REQ`` channel: one method per back-end request.
 
-    With ``reply_ack`` (REPLY_ACK negotiated) every request that has no reply of its own is
-    sent with NEED_REPLY, and a non-zero ack raises ReplyError, except the in-band notifications
-    (``vring_call``, ``vring_err``): those are fire-and-forget unless asked to be ``sync``, so a
-    ring worker never waits for the front-end. ``send_fd`` (BACKEND_SEND_FD negotiated) is
-    required for requests that carry an fd.
+    ``negotiation`` is what the handler negotiated (or a callable returning it, as it may still
+    change): each request is sent only if its gate in the request table allows it, else
+    UnsupportedRequestError. With REPLY_ACK negotiated every request that has no reply of its own
+    is sent with NEED_REPLY, and a non-zero ack raises ReplyError, except the in-band
+    notifications (``vring_call``, ``vring_err``): those are fire-and-forget unless asked to be
+    ``sync``, so a ring worker never waits for the front-end. Requests that carry an fd need
+    BACKEND_SEND_FD.
 
     Thread-safe: frames never interleave (the connection serialises sends); requests that wait
     for a reply take turns, and notifications go out between them without waiting their turn.
@@ -86,13 +91,11 @@ class Channel(Closing):
         self,
         conn: Connection,
         *,
-        reply_ack: bool,
-        send_fd: bool,
+        negotiation: Negotiation | Callable[[], Negotiation],
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
     ) -> None:
         self.conn = conn
-        self.reply_ack = reply_ack
-        self.send_fd = send_fd
+        self._negotiation = negotiation
         self.reply_timeout = reply_timeout
         self._lock = threading.Lock()
         self._closed = False
@@ -101,8 +104,30 @@ class Channel(Closing):
         """Notifications sent without NEED_REPLY and not acked (by a front-end that acks them)."""
 
     @property
+    def negotiation(self) -> Negotiation:
+        """The negotiated features the gates are checked against."""
+        if isinstance(self._negotiation, Negotiation):
+            return self._negotiation
+        return self._negotiation()
+
+    @property
+    def reply_ack(self) -> bool:
+        """Whether REPLY_ACK was negotiated (requests without a reply get NEED_REPLY)."""
+        return bool(self.negotiation.protocol_features >> ProtocolFeature.REPLY_ACK & 1)
+
+    @property
+    def send_fd(self) -> bool:
+        """Whether BACKEND_SEND_FD was negotiated (requests may carry an fd)."""
+        return bool(self.negotiation.protocol_features >> ProtocolFeature.BACKEND_SEND_FD & 1)
+
+    @property
     def closed(self) -> bool:
         return self._closed
+
+    def _check_gate(self, request: BackendRequest) -> None:
+        refusal = gate_refusal(request, self.negotiation)
+        if refusal is not None:
+            raise UnsupportedRequestError(f"BACKEND_{request.name}: {refusal}")
 
     def close(self) -> None:
         """Close the channel socket; later requests raise ConnectionClosedError."""
@@ -182,6 +207,7 @@ class Channel(Closing):
     def _notify(self, request: BackendRequest, index: int, sync: bool) -> None:
         name = f"BACKEND_{request.name}"
         _check_index(name, index)
+        self._check_gate(request)
         if sync and self.reply_ack:
             self._request(request, VringState(index, 0))
             return
@@ -249,6 +275,7 @@ class Channel(Closing):
         self, request: BackendRequest, payload: Payload, fds: list[int] | None = None
     ) -> Message | None:
         name = f"BACKEND_{request.name}"
+        self._check_gate(request)
         fds = fds or []
         if fds and not self.send_fd:
             raise UnsupportedRequestError(
@@ -340,6 +367,9 @@ class BackendRequestHandler(Closing):
         self.on_shmem_map = on_shmem_map
         self.on_shmem_unmap = on_shmem_unmap
         self.name = name
+        self.negotiation: Callable[[], Negotiation] | None = None
+        """What the front-end negotiated (set by Frontend.set_backend_req_fd): requests whose
+        gate it does not open are refused (failure status) without calling back."""
         self.conn: Connection | None = None
         self.error: BaseException | None = None
         """The protocol error that ended the channel, if one did."""
@@ -433,6 +463,13 @@ class BackendRequestHandler(Closing):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s", self.name, msg.describe())
         assert isinstance(msg.request, BackendRequest)
+        refusal = (
+            None if self.negotiation is None else gate_refusal(msg.request, self.negotiation())
+        )
+        if refusal is not None:
+            log.warning("%s: %s refused: %s", self.name, msg.name, refusal)
+            self._refuse(conn, msg)
+            return
         if msg.request is BackendRequest.SHARED_OBJECT_LOOKUP:
             self._lookup(conn, msg)
             return
@@ -473,6 +510,13 @@ class BackendRequestHandler(Closing):
             conn.send(encode_reply(msg.request, U64(FAILURE)))
         else:
             conn.send(encode_reply(msg.request, U64(0), fds=[fd]))
+
+    @staticmethod
+    def _refuse(conn: Connection, msg: Message) -> None:
+        """Answer a request the negotiation does not allow: failure, if an answer is due."""
+        close_fds(msg.fds)
+        if msg.need_reply or spec_for(msg.request).always_replies:
+            conn.send(encode_reply(msg.request, U64(FAILURE)))
 
     @staticmethod
     def _missing(msg: Message) -> UnsupportedRequestError:

@@ -45,6 +45,7 @@ from pyvhost.user.messages import (
     MemoryTable,
     MemRegMsg,
     Message,
+    Negotiation,
     Payload,
     ProtocolFeature,
     RawPayload,
@@ -56,6 +57,7 @@ from pyvhost.user.messages import (
     close_fds,
     decode_reply,
     encode_request,
+    gate_refusal,
     replies_expected,
     spec_for,
 )
@@ -229,29 +231,18 @@ class Frontend(Closing):
         """Whether ``feature`` was negotiated with SET_PROTOCOL_FEATURES."""
         return _bit(self.protocol_features, feature)
 
-    def _require_protocol_features_bit(self, request: Request) -> None:
-        if not self.check_features:
-            return
-        if self.offered_features is None:
-            raise UnsupportedRequestError(
-                f"{request.name}: call get_features() first: only legal if the back-end offers "
-                f"VHOST_USER_F_PROTOCOL_FEATURES (bit {F_PROTOCOL_FEATURES})"
-            )
-        if not _bit(self.offered_features, F_PROTOCOL_FEATURES):
-            raise UnsupportedRequestError(
-                f"{request.name}: the back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES "
-                f"(bit {F_PROTOCOL_FEATURES}) in features {self.offered_features:#x}"
-            )
+    @property
+    def negotiation(self) -> Negotiation:
+        """What was offered and acked so far: the input of the request gates."""
+        return Negotiation(self.offered_features, self.features, self.protocol_features)
 
-    def _require(self, request: Request, *features: ProtocolFeature) -> None:
+    def _check_gate(self, request: Request) -> None:
+        """Refuse ``request`` before sending it unless its gate in the request table allows it."""
         if not self.check_features:
             return
-        for feature in features:
-            if not self.has_protocol_feature(feature):
-                raise UnsupportedRequestError(
-                    f"{request.name}: protocol feature {feature.name} (bit {int(feature)}) "
-                    f"was not negotiated (protocol features {self.protocol_features:#x})"
-                )
+        refusal = gate_refusal(request, self.negotiation)
+        if refusal is not None:
+            raise UnsupportedRequestError(f"{request.name}: {refusal}")
 
     # --- request machinery -----------------------------------------------------------------
 
@@ -271,10 +262,9 @@ class Frontend(Closing):
 
         ``ack=False`` never sets NEED_REPLY (postcopy memory table updates).
         """
+        self._check_gate(request)
         spec = spec_for(request)
-        need_reply = ack and self.reply_ack and not spec.always_replies
-        if request is Request.SET_LOG_BASE and self.has_protocol_feature(PF.LOG_SHMFD):
-            need_reply = False
+        need_reply = ack and self.reply_ack and not spec.replies(self.protocol_features)
         msg = encode_request(request, payload, need_reply=need_reply, fds=fds)
         with self._lock:
             if self._closed:
@@ -367,13 +357,11 @@ class Frontend(Closing):
 
     def get_protocol_features(self) -> int:
         """GET_PROTOCOL_FEATURES (only legal if GET_FEATURES offered bit 30)."""
-        self._require_protocol_features_bit(Request.GET_PROTOCOL_FEATURES)
         self.offered_protocol_features = self._get_u64(Request.GET_PROTOCOL_FEATURES)
         return self.offered_protocol_features
 
     def set_protocol_features(self, features: int) -> None:
         """SET_PROTOCOL_FEATURES: enable ``features`` (must be offered, when checks are on)."""
-        self._require_protocol_features_bit(Request.SET_PROTOCOL_FEATURES)
         self._check_offered(
             Request.SET_PROTOCOL_FEATURES,
             "protocol features",
@@ -395,28 +383,23 @@ class Frontend(Closing):
 
     def reset_device(self) -> None:
         """RESET_DEVICE: back to the initial state, ownership kept (needs RESET_DEVICE)."""
-        self._require(Request.RESET_DEVICE, PF.RESET_DEVICE)
         self._call(Request.RESET_DEVICE)
 
     def get_queue_num(self) -> int:
         """GET_QUEUE_NUM: how many queues the back-end supports (needs MQ)."""
-        self._require(Request.GET_QUEUE_NUM, PF.MQ)
         return self._get_u64(Request.GET_QUEUE_NUM)
 
     def get_max_mem_slots(self) -> int:
         """GET_MAX_MEM_SLOTS (needs CONFIGURE_MEM_SLOTS)."""
-        self._require(Request.GET_MAX_MEM_SLOTS, PF.CONFIGURE_MEM_SLOTS)
         self.max_mem_slots = self._get_u64(Request.GET_MAX_MEM_SLOTS)
         return self.max_mem_slots
 
     def set_status(self, status: int) -> None:
         """SET_STATUS: the virtio device status byte (needs STATUS)."""
-        self._require(Request.SET_STATUS, PF.STATUS)
         self._call(Request.SET_STATUS, U64(status))
 
     def get_status(self) -> int:
         """GET_STATUS (needs STATUS)."""
-        self._require(Request.GET_STATUS, PF.STATUS)
         return self._get_u64(Request.GET_STATUS)
 
     # --- memory ----------------------------------------------------------------------------
@@ -464,7 +447,6 @@ class Frontend(Closing):
     def add_mem_reg(self, region: MemoryRegion, fd: int) -> MemoryRegion | None:
         """ADD_MEM_REG: add one region (needs CONFIGURE_MEM_SLOTS); in postcopy mode returns
         the back-end's mapping base for it."""
-        self._require(Request.ADD_MEM_REG, PF.CONFIGURE_MEM_SLOTS)
         if not self.postcopy_listening:
             self._call(Request.ADD_MEM_REG, MemRegMsg(region), fds=[fd])
             return None
@@ -477,7 +459,6 @@ class Frontend(Closing):
 
     def rem_mem_reg(self, region: MemoryRegion) -> None:
         """REM_MEM_REG: remove the region with this guest address, user address and size."""
-        self._require(Request.REM_MEM_REG, PF.CONFIGURE_MEM_SLOTS)
         self._call(Request.REM_MEM_REG, MemRegMsg(region))
 
     def set_log_base(self, size: int, offset: int, fd: int | None) -> None:
@@ -485,8 +466,6 @@ class Frontend(Closing):
 
         The reply may be a u64 status, empty or the log area echoed (decode_log_base_reply).
         """
-        if fd is not None:
-            self._require(Request.SET_LOG_BASE, PF.LOG_SHMFD)
         self._call(Request.SET_LOG_BASE, Log(size, offset), fds=[] if fd is None else [fd])
 
     def set_log_fd(self, fd: int) -> None:
@@ -544,19 +523,16 @@ class Frontend(Closing):
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """SET_VRING_ENABLE (only legal if bit 30 was offered)."""
         _check_index(Request.SET_VRING_ENABLE, index)
-        self._require_protocol_features_bit(Request.SET_VRING_ENABLE)
         self._call(Request.SET_VRING_ENABLE, VringState(index, int(enable)))
 
     def set_vring_endian(self, index: int, big: bool) -> None:
         """SET_VRING_ENDIAN for legacy devices (needs CROSS_ENDIAN)."""
         _check_index(Request.SET_VRING_ENDIAN, index)
-        self._require(Request.SET_VRING_ENDIAN, PF.CROSS_ENDIAN)
         self._call(Request.SET_VRING_ENDIAN, VringState(index, int(big)))
 
     def vring_kick(self, index: int) -> None:
         """VRING_KICK: in-band kick (needs INBAND_NOTIFICATIONS)."""
         _check_index(Request.VRING_KICK, index)
-        self._require(Request.VRING_KICK, PF.INBAND_NOTIFICATIONS)
         self._call(Request.VRING_KICK, VringState(index, 0))
 
     # --- device specific -------------------------------------------------------------------
@@ -565,22 +541,15 @@ class Frontend(Closing):
         """SEND_RARP: announce ``mac`` (6 bytes) after migration (needs RARP)."""
         if len(mac) != 6:
             raise ValueError(f"SEND_RARP: a MAC address is 6 bytes, got {len(mac)}")
-        self._require(Request.SEND_RARP, PF.RARP)
         self._call(Request.SEND_RARP, U64(int.from_bytes(bytes(mac) + b"\0\0", "little")))
 
     def net_set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU (needs MTU)."""
-        self._require(Request.NET_SET_MTU, PF.MTU)
         self._call(Request.NET_SET_MTU, U64(mtu))
 
     def iotlb_msg(self, msg: IotlbMsg) -> int:
         """IOTLB_MSG: update or invalidate a device IOTLB entry (needs ACCESS_PLATFORM acked);
         returns the back-end's status (0 success)."""
-        if self.check_features and not _bit(self.features, F_ACCESS_PLATFORM):
-            raise UnsupportedRequestError(
-                f"IOTLB_MSG: VIRTIO_F_ACCESS_PLATFORM (bit {F_ACCESS_PLATFORM}) was not "
-                f"acknowledged with SET_FEATURES (features {self.features:#x})"
-            )
         reply = self._reply(Request.IOTLB_MSG, msg)
         return reply.payload_as(U64).value
 
@@ -590,7 +559,6 @@ class Frontend(Closing):
         An empty reply (the back-end's error signal) raises ReplyError. The spec wants the reply
         as large as the request; ``exact=False`` also accepts a shorter one (probing).
         """
-        self._require(Request.GET_CONFIG, PF.CONFIG)
         reply = self._reply(Request.GET_CONFIG, Config(offset, flags, bytes(size)))
         if isinstance(reply.payload, Empty):
             raise ReplyError(
@@ -610,18 +578,15 @@ class Frontend(Closing):
 
     def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
         """SET_CONFIG: write ``data`` at ``offset`` (flags 1: live migration) (needs CONFIG)."""
-        self._require(Request.SET_CONFIG, PF.CONFIG)
         self._call(Request.SET_CONFIG, Config(offset, flags, bytes(data)))
 
     def create_crypto_session(self, raw: bytes) -> bytes:
         """CREATE_CRYPTO_SESSION: the session description in, the back-end's answer out."""
-        self._require(Request.CREATE_CRYPTO_SESSION, PF.CRYPTO_SESSION)
         reply = self._reply(Request.CREATE_CRYPTO_SESSION, RawPayload(bytes(raw)))
         return reply.payload_as(RawPayload).data
 
     def close_crypto_session(self, session_id: int) -> None:
         """CLOSE_CRYPTO_SESSION (needs CRYPTO_SESSION)."""
-        self._require(Request.CLOSE_CRYPTO_SESSION, PF.CRYPTO_SESSION)
         self._call(Request.CLOSE_CRYPTO_SESSION, U64(session_id))
 
     def gpu_set_socket(self, fd: int) -> None:
@@ -635,9 +600,11 @@ class Frontend(Closing):
     ) -> BackendRequestHandler:
         """SET_BACKEND_REQ_FD: create a socketpair, serve one end with ``handler`` (a default
         one that answers failure to everything if None), send the other (needs BACKEND_REQ)."""
-        self._require(Request.SET_BACKEND_REQ_FD, PF.BACKEND_REQ)
+        self._check_gate(Request.SET_BACKEND_REQ_FD)
         if handler is None:
             handler = BackendRequestHandler()
+        if handler.negotiation is None:
+            handler.negotiation = lambda: self.negotiation
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             handler.start(Connection(ours))
@@ -664,7 +631,6 @@ class Frontend(Closing):
 
         A back-end without inflight tracking answers mmap_size 0 and no fd: the fd is None.
         """
-        self._require(Request.GET_INFLIGHT_FD, PF.INFLIGHT_SHMFD)
         reply = self._reply(Request.GET_INFLIGHT_FD, Inflight(0, 0, num_queues, queue_size))
         inflight = reply.payload_as(Inflight)
         if inflight.mmap_size == 0:
@@ -681,12 +647,10 @@ class Frontend(Closing):
 
     def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
         """SET_INFLIGHT_FD: hand a (reconnecting) back-end its inflight area back."""
-        self._require(Request.SET_INFLIGHT_FD, PF.INFLIGHT_SHMFD)
         self._call(Request.SET_INFLIGHT_FD, inflight, fds=[fd])
 
     def postcopy_advise(self) -> int:
         """POSTCOPY_ADVISE: returns the back-end's userfaultfd (needs PAGEFAULT)."""
-        self._require(Request.POSTCOPY_ADVISE, PF.PAGEFAULT)
         reply = self._reply(Request.POSTCOPY_ADVISE)
         if len(reply.fds) != 1:
             raise ReplyError("POSTCOPY_ADVISE: back-end replied without a userfaultfd")
@@ -694,19 +658,16 @@ class Frontend(Closing):
 
     def postcopy_listen(self) -> None:
         """POSTCOPY_LISTEN: switch to postcopy; memory table updates now exchange bases."""
-        self._require(Request.POSTCOPY_LISTEN, PF.PAGEFAULT)
         self._call(Request.POSTCOPY_LISTEN)
         self.postcopy_listening = True
 
     def postcopy_end(self) -> int:
         """POSTCOPY_END: returns the back-end's status (0 success)."""
-        self._require(Request.POSTCOPY_END, PF.PAGEFAULT)
         self.postcopy_listening = False
         return self._get_u64(Request.POSTCOPY_END)
 
     def get_shared_object(self, uuid_: uuid.UUID) -> int | None:
         """GET_SHARED_OBJECT: the dma-buf fd exported as ``uuid_``, or None (SHARED_OBJECT)."""
-        self._require(Request.GET_SHARED_OBJECT, PF.SHARED_OBJECT)
         reply = self._reply(Request.GET_SHARED_OBJECT, SharedObject(uuid_))
         if not reply.fds:
             return None
@@ -722,7 +683,6 @@ class Frontend(Closing):
         Returns the back-end's own channel fd if it chose one (use it instead), else None;
         a non-zero error code raises ReplyError.
         """
-        self._require(Request.SET_DEVICE_STATE_FD, PF.DEVICE_STATE)
         reply = self._reply(
             Request.SET_DEVICE_STATE_FD, DeviceStateTransfer(direction, phase), fds=[fd]
         )
@@ -737,12 +697,10 @@ class Frontend(Closing):
 
     def check_device_state(self) -> int:
         """CHECK_DEVICE_STATE: the back-end's verdict on the transfer (0 success)."""
-        self._require(Request.CHECK_DEVICE_STATE, PF.DEVICE_STATE)
         return self._get_u64(Request.CHECK_DEVICE_STATE)
 
     def get_shmem_config(self) -> tuple[int, ...]:
         """GET_SHMEM_CONFIG: sizes of the VIRTIO shared memory regions by shmid (SHMEM)."""
-        self._require(Request.GET_SHMEM_CONFIG, PF.SHMEM)
         return self._reply(Request.GET_SHMEM_CONFIG).payload_as(ShmemConfig).memory_sizes
 
     # --- helpers ---------------------------------------------------------------------------

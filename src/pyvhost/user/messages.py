@@ -62,7 +62,7 @@ from pyvhost.user.protocol import (
     protocol_error,
     protocol_feature_names,
 )
-from pyvhost.virtio.features import feature_names
+from pyvhost.virtio.features import F_ACCESS_PLATFORM, feature_names
 
 __all__ = [
     "BACKEND_REQUESTS",
@@ -99,6 +99,7 @@ __all__ = [
     "MemoryRegion",
     "MemoryTable",
     "Message",
+    "Negotiation",
     "Payload",
     "ProtocolError",
     "ProtocolFeature",
@@ -119,6 +120,7 @@ __all__ = [
     "encode_message",
     "encode_reply",
     "encode_request",
+    "gate_refusal",
     "protocol_feature_names",
     "replies_expected",
     "request_name",
@@ -262,11 +264,15 @@ Validator = Callable[[Payload, int, str], None]
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """What one request carries: payload type, reply type, fd count range, reply policy.
+    """What one request carries and when it may be sent: the rulebook both ends read.
 
     ``always_replies``: the back-end (or front-end, on the back-end channel) replies even
-    without NEED_REPLY (SET_LOG_BASE only with LOG_SHMFD). ``reply_fds`` bounds the fds
-    of the reply; ``check`` / ``reply_check`` are the request-specific validators.
+    without NEED_REPLY; with ``replies_with`` set, only once that protocol feature is negotiated
+    (SET_LOG_BASE: LOG_SHMFD). ``reply_fds`` bounds the fds of the reply; ``check`` /
+    ``reply_check`` are the request-specific validators. The gates say what must be negotiated
+    before the request is legal: ``protocol_feature`` (SET_PROTOCOL_FEATURES), ``acked_feature``
+    (a feature bit acked with SET_FEATURES), ``offered_feature`` (a bit the back-end offers in
+    GET_FEATURES). ``error_reply`` is how a request that always replies says "failed".
     """
 
     payload: type[Payload]
@@ -276,6 +282,61 @@ class RequestSpec:
     reply_fds: tuple[int, int] = (0, 0)
     check: Validator | None = None
     reply_check: Validator | None = None
+    protocol_feature: ProtocolFeature | None = None
+    acked_feature: int | None = None
+    offered_feature: int | None = None
+    error_reply: Callable[[Message], Payload] | None = None
+    replies_with: ProtocolFeature | None = None
+
+    def replies(self, protocol_features: int) -> bool:
+        """Whether the request is answered without NEED_REPLY, given the negotiated features."""
+        if not self.always_replies:
+            return False
+        return self.replies_with is None or bool(protocol_features >> self.replies_with & 1)
+
+
+@dataclass(frozen=True)
+class Negotiation:
+    """What one end knows of the negotiation: the inputs of every gate of the tables.
+
+    ``offered_features`` is the back-end's GET_FEATURES answer (None before it was asked),
+    ``features`` what SET_FEATURES acked, ``protocol_features`` what SET_PROTOCOL_FEATURES acked.
+    """
+
+    offered_features: int | None = None
+    features: int = 0
+    protocol_features: int = 0
+
+
+def gate_refusal(request: AnyRequest, state: Negotiation) -> str | None:
+    """Why ``request`` is not legal in ``state`` (the spec's "only if ..."), or None if it is."""
+    spec = spec_for(request)
+    if spec.offered_feature is not None:
+        bit = spec.offered_feature
+        what = f"{_feature_name(bit)} (bit {bit})"
+        if state.offered_features is None:
+            return f"call get_features() first: only legal if the back-end offers {what}"
+        if not state.offered_features >> bit & 1:
+            return f"the back-end does not offer {what} in features {state.offered_features:#x}"
+    if spec.acked_feature is not None and not state.features >> spec.acked_feature & 1:
+        bit = spec.acked_feature
+        return (
+            f"{_feature_name(bit)} (bit {bit}) was not acknowledged with SET_FEATURES "
+            f"(features {state.features:#x})"
+        )
+    feature = spec.protocol_feature
+    if feature is not None and not state.protocol_features >> feature & 1:
+        return (
+            f"protocol feature {feature.name} (bit {int(feature)}) was not negotiated "
+            f"(protocol features {state.protocol_features:#x})"
+        )
+    return None
+
+
+def _feature_name(bit: int) -> str:
+    if bit == F_PROTOCOL_FEATURES:
+        return "VHOST_USER_F_PROTOCOL_FEATURES"
+    return f"VIRTIO_F_{feature_names(1 << bit)[0]}"
 
 
 def _as(payload: Payload, cls: type[P], name: str) -> P:
@@ -337,6 +398,12 @@ def _check_lookup_reply(payload: Payload, nfds: int, name: str) -> None:
 
 
 _NUM_ZERO = _num_in((0,), "must be 0 (reserved)")
+PF = ProtocolFeature
+
+
+def _u64_failure(msg: Message) -> Payload:
+    return U64(1)
+
 
 FRONTEND_REQUESTS: Mapping[Request, RequestSpec] = types.MappingProxyType(
     {
@@ -347,7 +414,15 @@ FRONTEND_REQUESTS: Mapping[Request, RequestSpec] = types.MappingProxyType(
         Request.SET_MEM_TABLE: RequestSpec(
             MemoryTable, MemoryTable, (0, MAX_MEMORY_REGIONS), check=_check_mem_table
         ),
-        Request.SET_LOG_BASE: RequestSpec(Log, U64, (0, 1), always_replies=True),
+        Request.SET_LOG_BASE: RequestSpec(
+            Log,
+            U64,
+            (0, 1),
+            always_replies=True,
+            protocol_feature=PF.LOG_SHMFD,
+            error_reply=_u64_failure,
+            replies_with=PF.LOG_SHMFD,
+        ),
         Request.SET_LOG_FD: RequestSpec(Empty, None, (1, 1)),
         Request.SET_VRING_NUM: RequestSpec(VringState, None),
         Request.SET_VRING_ADDR: RequestSpec(VringAddr, None),
@@ -358,40 +433,99 @@ FRONTEND_REQUESTS: Mapping[Request, RequestSpec] = types.MappingProxyType(
         Request.SET_VRING_KICK: RequestSpec(U64, None, (0, 1), check=_check_vring_fd),
         Request.SET_VRING_CALL: RequestSpec(U64, None, (0, 1), check=_check_vring_fd),
         Request.SET_VRING_ERR: RequestSpec(U64, None, (0, 1), check=_check_vring_fd),
-        Request.GET_PROTOCOL_FEATURES: RequestSpec(Empty, U64, always_replies=True),
-        Request.SET_PROTOCOL_FEATURES: RequestSpec(U64, None),
-        Request.GET_QUEUE_NUM: RequestSpec(Empty, U64, always_replies=True),
+        Request.GET_PROTOCOL_FEATURES: RequestSpec(
+            Empty, U64, always_replies=True, offered_feature=F_PROTOCOL_FEATURES
+        ),
+        Request.SET_PROTOCOL_FEATURES: RequestSpec(U64, None, offered_feature=F_PROTOCOL_FEATURES),
+        Request.GET_QUEUE_NUM: RequestSpec(Empty, U64, always_replies=True, protocol_feature=PF.MQ),
         Request.SET_VRING_ENABLE: RequestSpec(
-            VringState, None, check=_num_in((0, 1), "is not 0 (disable) or 1 (enable)")
+            VringState,
+            None,
+            check=_num_in((0, 1), "is not 0 (disable) or 1 (enable)"),
+            offered_feature=F_PROTOCOL_FEATURES,
         ),
-        Request.SEND_RARP: RequestSpec(U64, None),
-        Request.NET_SET_MTU: RequestSpec(U64, None),
-        Request.SET_BACKEND_REQ_FD: RequestSpec(Empty, None, (1, 1)),
-        Request.IOTLB_MSG: RequestSpec(IotlbMsg, U64, always_replies=True),
+        Request.SEND_RARP: RequestSpec(U64, None, protocol_feature=PF.RARP),
+        Request.NET_SET_MTU: RequestSpec(U64, None, protocol_feature=PF.MTU),
+        Request.SET_BACKEND_REQ_FD: RequestSpec(
+            Empty, None, (1, 1), protocol_feature=PF.BACKEND_REQ
+        ),
+        Request.IOTLB_MSG: RequestSpec(
+            IotlbMsg,
+            U64,
+            always_replies=True,
+            acked_feature=F_ACCESS_PLATFORM,
+            error_reply=_u64_failure,
+        ),
         Request.SET_VRING_ENDIAN: RequestSpec(
-            VringState, None, check=_num_in((0, 1), "is not 0 (little) or 1 (big endian)")
+            VringState,
+            None,
+            check=_num_in((0, 1), "is not 0 (little) or 1 (big endian)"),
+            protocol_feature=PF.CROSS_ENDIAN,
         ),
-        Request.GET_CONFIG: RequestSpec(Config, Config, always_replies=True),
-        Request.SET_CONFIG: RequestSpec(Config, None),
-        Request.CREATE_CRYPTO_SESSION: RequestSpec(RawPayload, RawPayload, always_replies=True),
-        Request.CLOSE_CRYPTO_SESSION: RequestSpec(U64, None),
-        Request.POSTCOPY_ADVISE: RequestSpec(Empty, Empty, always_replies=True, reply_fds=(0, 1)),
-        Request.POSTCOPY_LISTEN: RequestSpec(Empty, None),
-        Request.POSTCOPY_END: RequestSpec(Empty, U64, always_replies=True),
+        Request.GET_CONFIG: RequestSpec(
+            Config,
+            Config,
+            always_replies=True,
+            protocol_feature=PF.CONFIG,
+            error_reply=lambda msg: Empty(),
+        ),
+        Request.SET_CONFIG: RequestSpec(Config, None, protocol_feature=PF.CONFIG),
+        Request.CREATE_CRYPTO_SESSION: RequestSpec(
+            RawPayload, RawPayload, always_replies=True, protocol_feature=PF.CRYPTO_SESSION
+        ),
+        Request.CLOSE_CRYPTO_SESSION: RequestSpec(U64, None, protocol_feature=PF.CRYPTO_SESSION),
+        Request.POSTCOPY_ADVISE: RequestSpec(
+            Empty,
+            Empty,
+            always_replies=True,
+            reply_fds=(0, 1),
+            protocol_feature=PF.PAGEFAULT,
+            error_reply=lambda msg: Empty(),
+        ),
+        Request.POSTCOPY_LISTEN: RequestSpec(Empty, None, protocol_feature=PF.PAGEFAULT),
+        Request.POSTCOPY_END: RequestSpec(
+            Empty,
+            U64,
+            always_replies=True,
+            protocol_feature=PF.PAGEFAULT,
+            error_reply=_u64_failure,
+        ),
         Request.GET_INFLIGHT_FD: RequestSpec(
-            Inflight, Inflight, always_replies=True, reply_fds=(0, 1)
+            Inflight,
+            Inflight,
+            always_replies=True,
+            reply_fds=(0, 1),
+            protocol_feature=PF.INFLIGHT_SHMFD,
+            error_reply=lambda msg: Inflight(0, 0, 0, 0),
         ),
-        Request.SET_INFLIGHT_FD: RequestSpec(Inflight, None, (1, 1)),
+        Request.SET_INFLIGHT_FD: RequestSpec(
+            Inflight, None, (1, 1), protocol_feature=PF.INFLIGHT_SHMFD
+        ),
         Request.GPU_SET_SOCKET: RequestSpec(Empty, None, (1, 1)),
-        Request.RESET_DEVICE: RequestSpec(Empty, None),
-        Request.VRING_KICK: RequestSpec(VringState, None, check=_NUM_ZERO),
-        Request.GET_MAX_MEM_SLOTS: RequestSpec(Empty, U64, always_replies=True),
-        Request.ADD_MEM_REG: RequestSpec(MemRegMsg, MemRegMsg, (1, 1)),
-        Request.REM_MEM_REG: RequestSpec(MemRegMsg, MemRegMsg, (0, 1)),
-        Request.SET_STATUS: RequestSpec(U64, None),
-        Request.GET_STATUS: RequestSpec(Empty, U64, always_replies=True),
+        Request.RESET_DEVICE: RequestSpec(Empty, None, protocol_feature=PF.RESET_DEVICE),
+        Request.VRING_KICK: RequestSpec(
+            VringState, None, check=_NUM_ZERO, protocol_feature=PF.INBAND_NOTIFICATIONS
+        ),
+        Request.GET_MAX_MEM_SLOTS: RequestSpec(
+            Empty, U64, always_replies=True, protocol_feature=PF.CONFIGURE_MEM_SLOTS
+        ),
+        Request.ADD_MEM_REG: RequestSpec(
+            MemRegMsg, MemRegMsg, (1, 1), protocol_feature=PF.CONFIGURE_MEM_SLOTS
+        ),
+        Request.REM_MEM_REG: RequestSpec(
+            MemRegMsg, MemRegMsg, (0, 1), protocol_feature=PF.CONFIGURE_MEM_SLOTS
+        ),
+        Request.SET_STATUS: RequestSpec(U64, None, protocol_feature=PF.STATUS),
+        Request.GET_STATUS: RequestSpec(
+            Empty, U64, always_replies=True, protocol_feature=PF.STATUS
+        ),
         Request.GET_SHARED_OBJECT: RequestSpec(
-            SharedObject, SharedObject, always_replies=True, reply_fds=(0, 1)
+            SharedObject,
+            SharedObject,
+            always_replies=True,
+            reply_fds=(0, 1),
+            protocol_feature=PF.SHARED_OBJECT,
+            error_reply=lambda msg: msg.payload_as(SharedObject),
         ),
         Request.SET_DEVICE_STATE_FD: RequestSpec(
             DeviceStateTransfer,
@@ -400,32 +534,55 @@ FRONTEND_REQUESTS: Mapping[Request, RequestSpec] = types.MappingProxyType(
             always_replies=True,
             reply_fds=(0, 1),
             reply_check=_check_device_state_reply,
+            protocol_feature=PF.DEVICE_STATE,
+            error_reply=lambda msg: U64(DEVICE_STATE_NOFD | 1),
         ),
-        Request.CHECK_DEVICE_STATE: RequestSpec(Empty, U64, always_replies=True),
-        Request.GET_SHMEM_CONFIG: RequestSpec(Empty, ShmemConfig, always_replies=True),
+        Request.CHECK_DEVICE_STATE: RequestSpec(
+            Empty,
+            U64,
+            always_replies=True,
+            protocol_feature=PF.DEVICE_STATE,
+            error_reply=_u64_failure,
+        ),
+        Request.GET_SHMEM_CONFIG: RequestSpec(
+            Empty, ShmemConfig, always_replies=True, protocol_feature=PF.SHMEM
+        ),
     }
 )
 
 BACKEND_REQUESTS: Mapping[BackendRequest, RequestSpec] = types.MappingProxyType(
     {
-        BackendRequest.IOTLB_MSG: RequestSpec(IotlbMsg, None),
-        BackendRequest.CONFIG_CHANGE_MSG: RequestSpec(Empty, None),
+        BackendRequest.IOTLB_MSG: RequestSpec(IotlbMsg, None, acked_feature=F_ACCESS_PLATFORM),
+        BackendRequest.CONFIG_CHANGE_MSG: RequestSpec(Empty, None, protocol_feature=PF.CONFIG),
         BackendRequest.VRING_HOST_NOTIFIER_MSG: RequestSpec(
-            VringArea, None, (0, 1), check=_check_host_notifier
+            VringArea,
+            None,
+            (0, 1),
+            check=_check_host_notifier,
+            protocol_feature=PF.HOST_NOTIFIER,
         ),
-        BackendRequest.VRING_CALL: RequestSpec(VringState, None, check=_NUM_ZERO),
-        BackendRequest.VRING_ERR: RequestSpec(VringState, None, check=_NUM_ZERO),
-        BackendRequest.SHARED_OBJECT_ADD: RequestSpec(SharedObject, None),
-        BackendRequest.SHARED_OBJECT_REMOVE: RequestSpec(SharedObject, None),
+        BackendRequest.VRING_CALL: RequestSpec(
+            VringState, None, check=_NUM_ZERO, protocol_feature=PF.INBAND_NOTIFICATIONS
+        ),
+        BackendRequest.VRING_ERR: RequestSpec(
+            VringState, None, check=_NUM_ZERO, protocol_feature=PF.INBAND_NOTIFICATIONS
+        ),
+        BackendRequest.SHARED_OBJECT_ADD: RequestSpec(
+            SharedObject, None, protocol_feature=PF.SHARED_OBJECT
+        ),
+        BackendRequest.SHARED_OBJECT_REMOVE: RequestSpec(
+            SharedObject, None, protocol_feature=PF.SHARED_OBJECT
+        ),
         BackendRequest.SHARED_OBJECT_LOOKUP: RequestSpec(
             SharedObject,
             U64,
             always_replies=True,
             reply_fds=(0, 1),
             reply_check=_check_lookup_reply,
+            protocol_feature=PF.SHARED_OBJECT,
         ),
-        BackendRequest.SHMEM_MAP: RequestSpec(MMapRequest, None, (1, 1)),
-        BackendRequest.SHMEM_UNMAP: RequestSpec(MMapRequest, None),
+        BackendRequest.SHMEM_MAP: RequestSpec(MMapRequest, None, (1, 1), protocol_feature=PF.SHMEM),
+        BackendRequest.SHMEM_UNMAP: RequestSpec(MMapRequest, None, protocol_feature=PF.SHMEM),
     }
 )
 
@@ -635,13 +792,6 @@ def decode_reply(
 
 
 def replies_expected(msg: Message, protocol_features: int = 0) -> bool:
-    """Whether the peer will answer ``msg``: NEED_REPLY, or a request that always replies.
-
-    SET_LOG_BASE replies only when LOG_SHMFD was negotiated (``protocol_features``).
-    """
-    if msg.need_reply:
-        return True
-    spec = spec_for(msg.request)
-    if msg.request is Request.SET_LOG_BASE:
-        return bool(protocol_features >> ProtocolFeature.LOG_SHMFD & 1)
-    return spec.always_replies
+    """Whether the peer will answer ``msg``: NEED_REPLY, or a request that always replies
+    (given the negotiated ``protocol_features``: SET_LOG_BASE replies only with LOG_SHMFD)."""
+    return msg.need_reply or spec_for(msg.request).replies(protocol_features)
