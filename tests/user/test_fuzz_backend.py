@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pyvhost.errors import GuestMemoryError, ProtocolError, VhostError, VirtqueueError
-from pyvhost.user import backend as backend_module
 from pyvhost.user.backend import HANDLER_PROTOCOL_FEATURES, BackendHandler
+from pyvhost.user.backend import state as backend_state
 from pyvhost.user.connection import Frame, socketpair
 from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.messages import (
@@ -393,7 +393,7 @@ def test_random_request_sequences(
 
     CHECK_DEVICE_STATE waits for a transfer the far end of the pipe never serves: 0.2 s here.
     """
-    monkeypatch.setattr(backend_module, "DEVICE_STATE_TIMEOUT", 0.2)
+    monkeypatch.setattr(backend_state, "DEVICE_STATE_TIMEOUT", 0.2)
     _run(ring_bytes, setup, sequence, keep_going)
 
 
