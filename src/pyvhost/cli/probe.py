@@ -1,4 +1,8 @@
-"""``pyvhost probe``: connect to a vhost-user back-end as a front-end and report what it offers.
+"""``pyvhost probe``: report what a vhost-user back-end (``--socket``) or a kernel vhost device
+(``--kernel``) offers.
+
+Kernel devices are asked with read-only ioctls (GET_FEATURES, GET_BACKEND_FEATURES; vhost-scsi its
+ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER.
 
 Read-only: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (only MQ, CONFIG and CONFIGURE_MEM_SLOTS, the
 bits the queries below need), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG, then a plain hang-up.
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvhost.errors import ReplyError, VhostError
+from pyvhost.kernel import VhostScsi, VhostVdpa, open_device
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_PROTOCOL_FEATURES,
@@ -32,7 +37,15 @@ from pyvhost.user.messages import (
 )
 from pyvhost.virtio.features import feature_names
 
-__all__ = ["BLK_CONFIG_SIZE", "ProbeResult", "decode_blk_config", "probe", "register", "run"]
+__all__ = [
+    "BLK_CONFIG_SIZE",
+    "ProbeResult",
+    "decode_blk_config",
+    "probe",
+    "probe_kernel",
+    "register",
+    "run",
+]
 
 BLK_CONFIG_SIZE = 60
 """Bytes of virtio-blk config QEMU 7.2 asks for (up to write_zeroes_may_unmap and padding)."""
@@ -196,6 +209,37 @@ def probe(
     return result
 
 
+def probe_kernel(path: str) -> dict[str, Any]:
+    """Ask the kernel vhost device at ``path`` what it offers (read-only ioctls, no owner)."""
+    with open_device(path) as device:
+        features = device.get_features()
+        result: dict[str, Any] = {
+            "device": path,
+            "features": features,
+            "feature_names": feature_names(features),
+            "backend_features": device.get_backend_features(),
+        }
+        if isinstance(device, VhostScsi):
+            result["abi_version"] = device.get_abi_version()
+        if isinstance(device, VhostVdpa):
+            result["device_id"] = device.get_device_id()
+            result["config"] = device.get_config(0, device.get_config_size()).hex()
+            result["queue_num"] = device.get_vring_num()
+    return result
+
+
+def _kernel_text(result: dict[str, Any]) -> str:
+    lines = [
+        f"device:           {result['device']}",
+        f"features:         {result['features']:#x} ({' '.join(result['feature_names'])})",
+        f"backend features: {result['backend_features']:#x}",
+    ]
+    for key in ("abi_version", "device_id", "queue_num", "config"):
+        if key in result:
+            lines.append(f"{key.replace('_', ' ') + ':':<18}{result[key]}")
+    return "\n".join(lines)
+
+
 def _config_size_arg(text: str) -> int:
     value = int(text, 0)
     if not 0 < value <= MAX_CONFIG_SIZE:
@@ -207,12 +251,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``probe`` sub-command."""
     parser = subparsers.add_parser(
         "probe",
-        help="show the features, queues and config of a vhost-user back-end",
+        help="show the features, queues and config of a vhost-user back-end or kernel device",
         description="Connect to a vhost-user back-end as a front-end, print what it offers "
-        "(virtio and protocol features, queue count, memory slots, config space) and hang up. "
-        "Sends no SET_OWNER, memory or vring setup.",
+        "(virtio and protocol features, queue count, memory slots, config space) and hang up; "
+        "or ask a kernel vhost device its features. Sends no SET_OWNER, memory or vring setup.",
     )
-    parser.add_argument("--socket", required=True, metavar="PATH", help="back-end's Unix socket")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--socket", metavar="PATH", help="a vhost-user back-end's Unix socket")
+    target.add_argument(
+        "--kernel",
+        metavar="DEV",
+        help="a kernel vhost device: /dev/vhost-net, -vsock, -scsi or -vdpa-N",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--timeout",
@@ -238,6 +288,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Probe and print; 0 on success, 1 with a one-line message on stderr on failure."""
+    if args.kernel is not None:
+        try:
+            found = probe_kernel(args.kernel)
+        except VhostError as exc:
+            print(f"pyvhost probe: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(found) if args.json else _kernel_text(found))
+        return 0
     try:
         result = probe(
             args.socket, timeout=args.timeout, device=args.device, config_size=args.config_size

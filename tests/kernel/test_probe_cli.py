@@ -1,0 +1,39 @@
+"""``pyvhost probe --kernel`` where no vhost device exists: a one-line reason, exit status 1.
+(The same command against real devices runs in the guest tests.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyvhost", "probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_missing_device_names_the_module(tmp_path: Path) -> None:
+    path = tmp_path / "vhost-net"
+    proc = _probe("--kernel", str(path), "--json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        f"pyvhost probe: open on {path}: ENOENT (no such device: is the vhost module "
+        "loaded (modprobe vhost_net / vhost_vsock ...)?)"
+    )
+
+
+def test_not_a_vhost_device() -> None:
+    proc = _probe("--kernel", "/dev/null")
+    assert proc.returncode == 1
+    assert "not a vhost device name" in proc.stderr
+
+
+def test_socket_and_kernel_are_exclusive(tmp_path: Path) -> None:
+    proc = _probe("--kernel", "/dev/vhost-net", "--socket", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
