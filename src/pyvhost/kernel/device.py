@@ -277,7 +277,7 @@ class VhostKernelDevice(Closing):
         return self._state(Ioctl.GET_VRING_BUSYLOOP_TIMEOUT, index)
 
     def get_backend_features(self) -> int:
-        """VHOST_GET_BACKEND_FEATURES: IOTLB_MSG_V2, IOTLB_BATCH, ... (bit numbers as masks)."""
+        """VHOST_GET_BACKEND_FEATURES: a mask of ``1 << BACKEND_F_*`` bits (IOTLB_MSG_V2, ...)."""
         return self._get_u64(Ioctl.GET_BACKEND_FEATURES)
 
     def set_backend_features(self, features: int) -> None:
