@@ -51,9 +51,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from pyvhost.errors import ProtocolError, UnsupportedRequestError
-from pyvhost.user.device import DEFAULT_PROTOCOL_FEATURES, VringNotifier
 from pyvhost.user.device import Device as _ProtocolDevice
-from pyvhost.user.protocol import ProtocolFeature
+from pyvhost.user.device import VringNotifier
+from pyvhost.user.protocol import FRAMEWORK_PROTOCOL_FEATURES, ProtocolFeature
 from pyvhost.virtio import features as vf
 
 if TYPE_CHECKING:
@@ -64,21 +64,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_RING_FEATURES",
-    "FRAMEWORK_PROTOCOL_FEATURES",
     "Device",
 ]
 
 log = logging.getLogger("pyvhost.daemon")
 
-DEFAULT_RING_FEATURES = (
-    1 << vf.F_VERSION_1 | 1 << vf.F_RING_INDIRECT_DESC | 1 << vf.F_RING_EVENT_IDX
-)
+DEFAULT_RING_FEATURES = vf.bit_mask(vf.F_VERSION_1, vf.F_RING_INDIRECT_DESC, vf.F_RING_EVENT_IDX)
 """Ring features every device gets: the framework's rings implement them."""
-
-FRAMEWORK_PROTOCOL_FEATURES = (
-    DEFAULT_PROTOCOL_FEATURES | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.STATUS
-)
-"""Protocol features offered for every device (INFLIGHT_SHMFD is added by ``uses_inflight``)."""
 
 BATCH = 64
 """Chains the default ``handle_queue`` pops at a time."""
@@ -152,7 +144,7 @@ class Device(_ProtocolDevice):
 
     def has_feature(self, bit: int) -> bool:
         """Whether the driver accepted virtio feature ``bit``."""
-        return bool(self.acked_features >> bit & 1)
+        return vf.has_bit(self.acked_features, bit)
 
     # -- hooks for device authors (all optional) ------------------------------------------------
 

@@ -386,10 +386,7 @@ class BlkBackend(Closing):
             bits.append(vf.BLK_F_RO)
         else:
             bits += [vf.BLK_F_DISCARD, vf.BLK_F_WRITE_ZEROES]
-        value = 0
-        for bit in bits:
-            value |= 1 << bit
-        return value
+        return vf.bit_mask(*bits)
 
     def config(self, num_queues: int = 1) -> bytes:
         """The whole config space for a device with ``num_queues`` queues."""

@@ -22,7 +22,8 @@ import uuid
 from typing import TYPE_CHECKING
 
 from pyvhost.errors import ProtocolError, UnsupportedRequestError
-from pyvhost.user.protocol import ProtocolFeature
+from pyvhost.user.protocol import BASE_PROTOCOL_FEATURES, ProtocolFeature
+from pyvhost.virtio.features import F_VERSION_1
 
 if TYPE_CHECKING:
     from pyvhost.user.channel import Channel
@@ -30,33 +31,10 @@ if TYPE_CHECKING:
     from pyvhost.virtio.queue import DeviceQueue
 
 __all__ = [
-    "DEFAULT_PROTOCOL_FEATURES",
-    "VIRTIO_F_VERSION_1",
     "ConfigOnlyDevice",
     "Device",
     "VringNotifier",
 ]
-
-VIRTIO_F_VERSION_1 = 32
-
-
-def _mask(*bits: int) -> int:
-    value = 0
-    for bit in bits:
-        value |= 1 << bit
-    return value
-
-
-DEFAULT_PROTOCOL_FEATURES = _mask(
-    ProtocolFeature.MQ,
-    ProtocolFeature.LOG_SHMFD,
-    ProtocolFeature.REPLY_ACK,
-    ProtocolFeature.BACKEND_REQ,
-    ProtocolFeature.BACKEND_SEND_FD,
-    ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    ProtocolFeature.RESET_DEVICE,
-)
-"""What a device offers unless it says otherwise: the features that need nothing from it."""
 
 
 class VringNotifier:
@@ -195,10 +173,10 @@ class Device(abc.ABC):
     max_queue_size: int = 1024
     """Largest SET_VRING_NUM accepted (a power of two)."""
 
-    features: int = 1 << VIRTIO_F_VERSION_1
+    features: int = 1 << F_VERSION_1
     """Virtio feature bits offered; the handler adds PROTOCOL_FEATURES (30) and LOG_ALL (26)."""
 
-    protocol_features: int = DEFAULT_PROTOCOL_FEATURES
+    protocol_features: int = BASE_PROTOCOL_FEATURES
     """Protocol features the device wants offered; the handler offers those it supports too."""
 
     channel: Channel | None = None
@@ -301,10 +279,10 @@ class ConfigOnlyDevice(Device):
         self,
         config: bytes = b"",
         *,
-        features: int = 1 << VIRTIO_F_VERSION_1,
+        features: int = 1 << F_VERSION_1,
         num_queues: int = 1,
         max_queue_size: int = 1024,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES | 1 << ProtocolFeature.CONFIG,
+        protocol_features: int = BASE_PROTOCOL_FEATURES | 1 << ProtocolFeature.CONFIG,
         writable_config: bool = False,
     ) -> None:
         self.config = bytearray(config)

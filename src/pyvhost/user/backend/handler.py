@@ -30,7 +30,7 @@ from pyvhost.errors import (
     UnsupportedRequestError,
     VhostError,
 )
-from pyvhost.user.backend.base import MAX_MEM_SLOTS, PF, FatalProtocolError, Reply, has_bit, log
+from pyvhost.user.backend.base import MAX_MEM_SLOTS, PF, FatalProtocolError, Reply, log
 from pyvhost.user.backend.memory import MemoryRequests
 from pyvhost.user.backend.state import StateTransferRequests
 from pyvhost.user.channel import Channel
@@ -52,6 +52,7 @@ from pyvhost.user.messages import (
     gate_refusal,
     spec_for,
 )
+from pyvhost.virtio.features import has_bit
 
 
 class BackendHandler(MemoryRequests, StateTransferRequests):
