@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvhost.daemon import Daemon
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import socketpair
-from pyvhost.user.device import ConfigOnlyDevice
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import MemoryRegion, VringAddr
 from pyvhost.user.protocol import ProtocolFeature

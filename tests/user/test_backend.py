@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from pyvhost.errors import ProtocolError, UnsupportedRequestError, VhostError
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.backend import MAX_MEM_SLOTS, BackendHandler, FatalProtocolError
 from pyvhost.user.connection import Connection, socketpair
-from pyvhost.user.device import ConfigOnlyDevice
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     F_LOG_ALL,

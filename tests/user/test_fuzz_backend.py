@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pyvhost.errors import GuestMemoryError, ProtocolError, VhostError, VirtqueueError
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.backend import state as backend_state
 from pyvhost.user.connection import Frame, socketpair
-from pyvhost.user.device import ConfigOnlyDevice
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     FLAG_NEED_REPLY,

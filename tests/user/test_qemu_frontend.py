@@ -12,7 +12,7 @@ import pytest
 
 from peers.qemu import QemuVM, require, short_tmp
 from pyvhost.daemon import Daemon
-from pyvhost.user.device import ConfigOnlyDevice
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.messages import Message, Request, VringState
 from pyvhost.user.protocol import ProtocolFeature
 from pyvhost.virtio import features as vf

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pytest
 
 from pyvhost.errors import ReplyError, UnsupportedRequestError
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.backend import MAX_MEM_SLOTS, BackendHandler
 from pyvhost.user.channel import BackendRequestHandler
 from pyvhost.user.connection import socketpair
-from pyvhost.user.device import ConfigOnlyDevice
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_LOG_ALL,

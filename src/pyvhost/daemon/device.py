@@ -51,8 +51,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pyvhost.errors import ProtocolError, UnsupportedRequestError
-from pyvhost.user.device import Device as _ProtocolDevice
-from pyvhost.user.device import VringNotifier
+from pyvhost.user.device import BackendDevice, VringNotifier
 from pyvhost.user.protocol import FRAMEWORK_PROTOCOL_FEATURES, ProtocolFeature
 from pyvhost.virtio import features as vf
 
@@ -76,7 +75,7 @@ BATCH = 64
 """Chains the default ``handle_queue`` pops at a time."""
 
 
-class Device(_ProtocolDevice):
+class Device(BackendDevice):
     """Subclass this: declare queues, features and config; implement ``handle_chain`` or
     ``handle_queue``. See the module docstring for an example."""
 

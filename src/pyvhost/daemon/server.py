@@ -27,7 +27,7 @@ from pyvhost.daemon.device import Device
 from pyvhost.daemon.loop import EventLoop
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import Connection, Listener, connect
-from pyvhost.user.device import Device as BackendDevice
+from pyvhost.user.device import BackendDevice
 
 __all__ = ["Daemon"]
 
@@ -44,8 +44,8 @@ class Daemon:
     """Serve ``device`` (an instance, reused across connections, or a factory called per
     connection) on ``socket_path``.
 
-    Any :class:`pyvhost.user.device.Device` can be served; a :class:`pyvhost.daemon.Device` also
-    gets the event loop that runs its queues.
+    Any :class:`pyvhost.user.device.BackendDevice` can be served; a :class:`pyvhost.daemon.Device`
+    also gets the event loop that runs its queues.
     """
 
     def __init__(

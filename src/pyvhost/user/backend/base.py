@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pyvhost.errors import ProtocolError
 from pyvhost.user.channel import Channel
 from pyvhost.user.connection import Connection
-from pyvhost.user.device import Device, VringNotifier
+from pyvhost.user.device import BackendDevice, VringNotifier
 from pyvhost.user.messages import (
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
@@ -80,7 +80,7 @@ class HandlerCore:
 
     def __init__(
         self,
-        device: Device,
+        device: BackendDevice,
         conn: Connection,
         *,
         name: str = "vhost-user",
