@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from pyvhost.daemon.adapter import DeviceAdapter
-from pyvhost.devices import blk
 from pyvhost.devices.blk import (
     CONFIG_SIZE,
     VIRTIO_BLK_S_IOERR,
@@ -31,6 +30,7 @@ from pyvhost.devices.blk import (
     BlkLimits,
     default_serial,
 )
+from pyvhost.devices.blk import request as blk
 from pyvhost.errors import ProtocolError
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.chain import DescriptorChain
