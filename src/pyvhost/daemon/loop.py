@@ -387,9 +387,8 @@ def _run_watch(watch: _Watch) -> None:
             watch.callback(watch.fd)
             return
         except Exception:
-            log.exception(
-                "fd %d: watch callback %r raised; watch removed", watch.fd, watch.callback
-            )
+            name = getattr(watch.callback, "__qualname__", repr(watch.callback))
+            log.exception("fd %d: watch callback %s raised; watch removed", watch.fd, name)
     watch.loop.remove_watch(watch.owner, watch.fd)
     if watch.on_error is not None:
         try:
