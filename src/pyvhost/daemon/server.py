@@ -166,7 +166,7 @@ class Daemon:
             try:
                 backend = DeviceAdapter(device, self._loop)
             except (ValueError, RuntimeError) as exc:
-                log.error("%s: cannot serve %s: %s; dropping the front-end", name, device, exc)
+                log.error("%s: cannot serve the device: %s; dropping the front-end", name, exc)
                 conn.close()
                 return
         else:
