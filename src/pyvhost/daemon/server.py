@@ -169,6 +169,10 @@ class Daemon:
                 log.error("%s: cannot serve the device: %s; dropping the front-end", name, exc)
                 conn.close()
                 return
+            except Exception:
+                log.exception("%s: cannot serve the device; dropping the front-end", name)
+                conn.close()
+                return
         else:
             backend = device
         self.device = device
