@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvhost.daemon import Daemon
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import socketpair
-from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import MemoryRegion, VringAddr
 from pyvhost.user.protocol import ProtocolFeature
@@ -49,7 +49,7 @@ QEMU_BLK_PROTOCOL = sum(
     )
 )
 BLK_FEATURES = sum(
-    1 << b for b in (VIRTIO_F_VERSION_1, vf.BLK_F_SEG_MAX, vf.BLK_F_BLK_SIZE, vf.BLK_F_MQ)
+    1 << b for b in (vf.F_VERSION_1, vf.BLK_F_SEG_MAX, vf.BLK_F_BLK_SIZE, vf.BLK_F_MQ)
 )
 QUEUE_SIZE = 128
 MEM_SIZE = 1 << 20

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -47,3 +49,40 @@ def test_upper_device_answers_through_a_real_socket_and_ring() -> None:
                     assert bytes(session.view(dst, written)) == word.upper()
             finally:
                 session.close()
+
+
+def _ask(session: DriverSession, word: bytes) -> bytes:
+    src, dst = session.alloc(len(word)), session.alloc(64)
+    session.view(src, len(word))[:] = word
+    token = session.submit(0, [(src, len(word))], [(dst, 64)])
+    session.kick(0)
+    done: dict[int, int] = {}
+    while token not in done:
+        done.update(session.wait(0, timeout=10))
+    return bytes(session.view(dst, done[token]))
+
+
+def test_switchcase_device_follows_its_control_socket() -> None:
+    switchcase = _load("switchcase")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with short_tmp("pvh-ex-") as d:
+            sock = d / "case.sock"
+            device = switchcase.SwitchCaseDevice(ours)
+            with Daemon(device, sock).run_in_thread():
+                session = DriverSession.connect(sock, num_queues=1)
+                try:
+                    assert session.config(0, 5) == b"upper"
+                    assert _ask(session, b"Hello") == b"HELLO"
+                    theirs.send(b"sideways")  # refused: the case stays
+                    theirs.send(b"lower")
+                    deadline = time.monotonic() + 10
+                    while session.config(0, 5) != b"lower":
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    assert _ask(session, b"Hello") == b"hello"
+                finally:
+                    session.close()
+    finally:
+        ours.close()
+        theirs.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvhost.devices import blk
+from pyvhost.daemon.adapter import DeviceAdapter
 from pyvhost.devices.blk import (
     CONFIG_SIZE,
     VIRTIO_BLK_S_IOERR,
@@ -30,6 +30,7 @@ from pyvhost.devices.blk import (
     BlkLimits,
     default_serial,
 )
+from pyvhost.devices.blk import request as blk
 from pyvhost.errors import ProtocolError
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.chain import DescriptorChain
@@ -656,13 +657,14 @@ def test_config_fields_at_their_offsets(image: Path) -> None:
         assert cfg[56] == 1
         assert cfg[57:] == bytes(96 - 57)
         # GET_CONFIG slices: what QEMU 7.2 asks (60 bytes), single fields, the whole struct
-        assert dev.get_config(0, 60) == cfg[:60]
-        assert dev.get_config(36, 4) == struct.pack("<I", 1000)
-        assert dev.get_config(0, 96) == cfg
-        with pytest.raises(ProtocolError, match="beyond"):
-            dev.get_config(90, 8)
-        with pytest.raises(ProtocolError, match="beyond"):
-            dev.get_config(0, 97)
+        with DeviceAdapter(dev) as served:
+            assert served.get_config(0, 60) == cfg[:60]
+            assert served.get_config(36, 4) == struct.pack("<I", 1000)
+            assert served.get_config(0, 96) == cfg
+            with pytest.raises(ProtocolError, match="beyond"):
+                served.get_config(90, 8)
+            with pytest.raises(ProtocolError, match="beyond"):
+                served.get_config(0, 97)
 
 
 def test_capacity_ignores_a_trailing_partial_sector(tmp_path: Path) -> None:

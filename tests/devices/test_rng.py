@@ -9,6 +9,7 @@ import pytest
 from daemon.rig import Rig
 from peers.qemu import short_tmp
 from pyvhost.daemon import Daemon
+from pyvhost.daemon.adapter import DeviceAdapter
 from pyvhost.devices.rng import MAX_REQUEST, RngDevice
 from pyvhost.virtio import features as vf
 
@@ -70,4 +71,5 @@ def test_device_description() -> None:
     assert dev.num_queues == 1
     assert dev.features >> vf.F_RING_EVENT_IDX & 1
     assert dev.features >> vf.F_RING_INDIRECT_DESC & 1
-    assert dev.get_config(0, 0) == b""
+    with DeviceAdapter(dev) as served:
+        assert served.get_config(0, 0) == b""

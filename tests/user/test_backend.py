@@ -13,14 +13,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from pyvhost.errors import ProtocolError, UnsupportedRequestError, VhostError
-from pyvhost.user.backend import (
-    HANDLER_PROTOCOL_FEATURES,
-    MAX_MEM_SLOTS,
-    BackendHandler,
-    FatalProtocolError,
-)
+from pyvhost.testing import ConfigOnlyDevice
+from pyvhost.user.backend import MAX_MEM_SLOTS, BackendHandler, FatalProtocolError
 from pyvhost.user.connection import Connection, socketpair
-from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     F_LOG_ALL,
@@ -50,6 +45,7 @@ from pyvhost.user.messages import (
     encode_request,
     spec_for,
 )
+from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import DirtyLog, GuestMemory, Region
 from pyvhost.virtio.packed import PackedDriver, PackedQueue, encode_packed_base, packed_layout
@@ -110,7 +106,7 @@ class Peer:
         device: ConfigOnlyDevice | None = None,
         *,
         num_queues: int = 2,
-        features: int = bit(VIRTIO_F_VERSION_1, vf.F_RING_EVENT_IDX, vf.F_RING_PACKED),
+        features: int = bit(vf.F_VERSION_1, vf.F_RING_EVENT_IDX, vf.F_RING_PACKED),
         protocol_features: int = ALL_PF,
     ) -> None:
         self.device = device or ConfigOnlyDevice(
@@ -218,7 +214,7 @@ def test_features_offer_protocol_and_log_bits(peer: Peer) -> None:
 
 def test_set_features_refuses_bits_not_offered(peer: Peer) -> None:
     with pytest.raises(ProtocolError, match=r"SET_FEATURES: features 0x2 were not offered"):
-        peer.send(Request.SET_FEATURES, U64(bit(VIRTIO_F_VERSION_1, 1)))
+        peer.send(Request.SET_FEATURES, U64(bit(vf.F_VERSION_1, 1)))
 
 
 def test_set_features_error_is_nacked_with_reply_ack(peer: Peer) -> None:
@@ -238,13 +234,13 @@ def test_need_reply_success_is_acked_with_zero(peer: Peer) -> None:
 
 
 def test_without_bit_30_set_features_enables_every_ring(peer: Peer) -> None:
-    peer.send(Request.SET_FEATURES, U64(bit(VIRTIO_F_VERSION_1)))
+    peer.send(Request.SET_FEATURES, U64(bit(vf.F_VERSION_1)))
     assert peer.device.enabled == {0: True, 1: True}
     assert all(v.enabled for v in peer.handler.vrings)
 
 
 def test_with_bit_30_rings_wait_for_set_vring_enable(peer: Peer) -> None:
-    peer.send(Request.SET_FEATURES, U64(bit(VIRTIO_F_VERSION_1, F_PROTOCOL_FEATURES)))
+    peer.send(Request.SET_FEATURES, U64(bit(vf.F_VERSION_1, F_PROTOCOL_FEATURES)))
     assert not any(v.enabled for v in peer.handler.vrings)
     peer.send(Request.SET_VRING_ENABLE, VringState(1, 1))
     assert [v.enabled for v in peer.handler.vrings] == [False, True]
@@ -283,7 +279,7 @@ def test_owner_twice_is_an_error_and_reset_owner_disables_rings(peer: Peer) -> N
     peer.send(Request.SET_OWNER)
     with pytest.raises(ProtocolError, match="SET_OWNER: the session already has an owner"):
         peer.send(Request.SET_OWNER)
-    peer.send(Request.SET_FEATURES, U64(bit(VIRTIO_F_VERSION_1)))
+    peer.send(Request.SET_FEATURES, U64(bit(vf.F_VERSION_1)))
     peer.send(Request.RESET_OWNER)
     assert not any(v.enabled for v in peer.handler.vrings)
     peer.send(Request.SET_OWNER)
@@ -1088,11 +1084,11 @@ def test_rem_mem_reg_under_a_running_ring_pauses_it_until_the_memory_returns(
 def test_access_platform_is_never_offered(no_fd_leak: None) -> None:
     """Descriptor addresses are not translated through the IOTLB, so the bit is withheld even
     from a device that asks for it."""
-    p = Peer(features=bit(VIRTIO_F_VERSION_1, vf.F_ACCESS_PLATFORM))
+    p = Peer(features=bit(vf.F_VERSION_1, vf.F_ACCESS_PLATFORM))
     try:
         offered = p.u64(Request.GET_FEATURES)
         assert not offered >> vf.F_ACCESS_PLATFORM & 1
-        assert offered >> VIRTIO_F_VERSION_1 & 1
+        assert offered >> vf.F_VERSION_1 & 1
         with pytest.raises(ProtocolError, match="were not offered"):
             p.send(Request.SET_FEATURES, U64(offered | bit(vf.F_ACCESS_PLATFORM)))
     finally:

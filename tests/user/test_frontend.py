@@ -20,7 +20,7 @@ from pyvhost.errors import (
 )
 from pyvhost.user.channel import BackendRequestHandler, Channel
 from pyvhost.user.connection import Connection, socketpair
-from pyvhost.user.frontend import F_ACCESS_PLATFORM, Frontend, decode_log_base_reply
+from pyvhost.user.frontend import Frontend, decode_log_base_reply
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     F_PROTOCOL_FEATURES,
@@ -46,6 +46,7 @@ from pyvhost.user.messages import (
     encode_header,
     encode_reply,
 )
+from pyvhost.virtio import features as vf
 
 PF = ProtocolFeature
 FEATURES = 1 << 32 | 1 << F_PROTOCOL_FEATURES | 1 << 1
@@ -339,12 +340,12 @@ def test_gated_requests_raise_before_sending(
 
 def test_iotlb_needs_access_platform_acked(pair: tuple[Frontend, FakeBackend]) -> None:
     fe, be = pair
-    be.features = FEATURES | 1 << F_ACCESS_PLATFORM
+    be.features = FEATURES | 1 << vf.F_ACCESS_PLATFORM
     fe.get_features()
     msg = IotlbMsg(0x1000, 0x1000, 0x7F0000000000, 3, 2)
     with pytest.raises(UnsupportedRequestError, match="ACCESS_PLATFORM"):
         fe.iotlb_msg(msg)
-    fe.set_features(1 << 32 | 1 << F_ACCESS_PLATFORM)
+    fe.set_features(1 << 32 | 1 << vf.F_ACCESS_PLATFORM)
     assert fe.iotlb_msg(msg) == 0
 
 

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pyvhost.errors import GuestMemoryError, ProtocolError, VhostError, VirtqueueError
-from pyvhost.user.backend import HANDLER_PROTOCOL_FEATURES, BackendHandler
+from pyvhost.testing import ConfigOnlyDevice
+from pyvhost.user.backend import BackendHandler
 from pyvhost.user.backend import state as backend_state
 from pyvhost.user.connection import Frame, socketpair
-from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.messages import (
     DEVICE_STATE_NOFD,
     FLAG_NEED_REPLY,
@@ -53,6 +53,7 @@ from pyvhost.user.messages import (
     encode_header,
     encode_request,
 )
+from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.split import split_layout
@@ -64,7 +65,7 @@ RING_GPA = 0x1000
 QSIZE = 8
 NUM_QUEUES = 2
 FEATURES = (
-    1 << VIRTIO_F_VERSION_1
+    1 << vf.F_VERSION_1
     | 1 << vf.F_RING_EVENT_IDX
     | 1 << vf.F_RING_INDIRECT_DESC
     | 1 << vf.F_RING_PACKED

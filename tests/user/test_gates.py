@@ -23,7 +23,6 @@ from pyvhost.errors import (
     UnsupportedRequestError,
     VhostError,
 )
-from pyvhost.user.backend import HANDLER_PROTOCOL_FEATURES
 from pyvhost.user.channel import BackendRequestHandler, Channel
 from pyvhost.user.connection import socketpair
 from pyvhost.user.frontend import Frontend
@@ -53,6 +52,7 @@ from pyvhost.user.messages import (
     gate_refusal,
     spec_for,
 )
+from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio.features import F_ACCESS_PLATFORM
 
 from .test_backend import Peer, StatefulDevice

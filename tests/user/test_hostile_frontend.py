@@ -27,7 +27,7 @@ from pyvhost.user.messages import (
 SERVER = """
 import logging, os, signal, sys
 from pyvhost.daemon import Daemon
-from pyvhost.user.device import ConfigOnlyDevice
+from pyvhost.testing import ConfigOnlyDevice
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 daemon = Daemon(lambda: ConfigOnlyDevice(bytes(60), num_queues=2), sys.argv[1])

@@ -12,7 +12,7 @@ import pytest
 
 from peers.qemu import QemuVM, require, short_tmp
 from pyvhost.daemon import Daemon
-from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
+from pyvhost.testing import ConfigOnlyDevice
 from pyvhost.user.messages import Message, Request, VringState
 from pyvhost.user.protocol import ProtocolFeature
 from pyvhost.virtio import features as vf
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.qemu
 R = Request
 BLK_FEATURES = sum(
     1 << b
-    for b in (VIRTIO_F_VERSION_1, vf.BLK_F_SEG_MAX, vf.BLK_F_BLK_SIZE, vf.BLK_F_FLUSH, vf.BLK_F_MQ)
+    for b in (vf.F_VERSION_1, vf.BLK_F_SEG_MAX, vf.BLK_F_BLK_SIZE, vf.BLK_F_FLUSH, vf.BLK_F_MQ)
 )
 PROTOCOL = sum(
     1 << b
@@ -139,5 +139,5 @@ def test_qemu_negotiates_with_the_backend(
     enables = [value for name, value in device.events if name == "queue_enabled"]
     assert [(i, True) for i in range(num_queues)] == [e for e in enables if e[1]]  # type: ignore[index]
     acked = [value for name, value in device.events if name == "set_features"]
-    assert acked and isinstance(acked[-1], int) and acked[-1] & 1 << VIRTIO_F_VERSION_1
+    assert acked and isinstance(acked[-1], int) and acked[-1] & 1 << vf.F_VERSION_1
     assert device.events[-1] == ("reset", None), "QEMU left: rings stopped and device reset"

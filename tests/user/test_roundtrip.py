@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pytest
 
 from pyvhost.errors import ReplyError, UnsupportedRequestError
-from pyvhost.user.backend import HANDLER_PROTOCOL_FEATURES, MAX_MEM_SLOTS, BackendHandler
+from pyvhost.testing import ConfigOnlyDevice
+from pyvhost.user.backend import MAX_MEM_SLOTS, BackendHandler
 from pyvhost.user.channel import BackendRequestHandler
 from pyvhost.user.connection import socketpair
-from pyvhost.user.device import VIRTIO_F_VERSION_1, ConfigOnlyDevice
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_LOG_ALL,
@@ -24,6 +24,7 @@ from pyvhost.user.messages import (
     Request,
     VringAddr,
 )
+from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import DirtyLog, GuestMemory
 from pyvhost.virtio.split import SplitDriver, split_layout
@@ -38,7 +39,7 @@ class FullDevice(ConfigOnlyDevice):
     def __init__(self) -> None:
         super().__init__(
             CONFIG,
-            features=1 << VIRTIO_F_VERSION_1 | 1 << vf.F_ACCESS_PLATFORM | 1 << vf.NET_F_MTU,
+            features=1 << vf.F_VERSION_1 | 1 << vf.F_ACCESS_PLATFORM | 1 << vf.NET_F_MTU,
             num_queues=2,
             protocol_features=HANDLER_PROTOCOL_FEATURES,
             writable_config=True,
@@ -130,7 +131,7 @@ def test_every_request_round_trips(pair: Pair) -> None:
     assert device.channel is not None
     assert fe.get_features() & 1 << F_LOG_ALL
     fe.set_features(result.features & ~(1 << F_LOG_ALL | 1 << vf.F_ACCESS_PLATFORM))
-    assert device.acked_features & 1 << VIRTIO_F_VERSION_1
+    assert device.acked_features & 1 << vf.F_VERSION_1
 
     assert fe.get_config(0, 60) == CONFIG
     fe.set_config(4, b"\xaa\xbb")

@@ -100,10 +100,10 @@ class Offer:
     protocol_features: int | None
 
     def has_feature(self, bit: int) -> bool:
-        return bool(self.features >> bit & 1)
+        return vf.has_bit(self.features, bit)
 
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        return self.protocol_features is not None and bool(self.protocol_features >> feature & 1)
+        return self.protocol_features is not None and vf.has_bit(self.protocol_features, feature)
 
 
 class GuestRam(Closing):

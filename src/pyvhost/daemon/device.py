@@ -1,9 +1,10 @@
 """The author-facing device base class: a vhost-user device in a page of Python.
 
 A device says what it is (queues, features, config space) and what to do with a request;
-the framework (:mod:`pyvhost.daemon.loop`, :mod:`pyvhost.daemon.server`) does the rest:
-the protocol, guest memory, kicks and calls, notification suppression, inflight recovery,
-dirty logging, reconnection. A complete device that echoes what the driver sends::
+the framework (:mod:`pyvhost.daemon.adapter`, :mod:`pyvhost.daemon.loop`,
+:mod:`pyvhost.daemon.server`) does the rest: the protocol, guest memory, kicks and calls,
+notification suppression, inflight recovery, dirty logging, reconnection. A complete device that
+echoes what the driver sends::
 
     from pyvhost.daemon import Daemon, Device
 
@@ -21,6 +22,11 @@ dirty logging, reconnection. A complete device that echoes what the driver sends
 
     Daemon(Echo, "/tmp/echo.sock").serve_forever()
 
+A :class:`Device` is not the protocol-level :class:`~pyvhost.user.device.BackendDevice`: the
+daemon wraps it in a :class:`~pyvhost.daemon.adapter.DeviceAdapter` that answers the protocol
+(config bounds, status, features, memory, rings) and calls the hooks below, each of which has one
+name and none of which needs ``super()``.
+
 Two levels of request handling, choose one:
 
 - ``handle_chain(index, chain, mem) -> written``: one descriptor chain at a time; the default
@@ -34,57 +40,88 @@ re-checks the ring after turning notifications back on. A chain the driver got w
 :class:`~pyvhost.errors.VirtqueueError` from ``pop``: that queue stops (its error eventfd is
 signalled), the others and the connection carry on.
 
+A device with fds of its own (a TAP, a listening socket) has them served by the same loop:
+``watch(fd, callback, queue=i)`` calls ``callback(fd)`` on the worker thread of queue ``i``
+whenever ``fd`` is readable, so the callback never runs at the same time as that queue's handler.
+
 Virtio features: ``device_features`` are the device-type bits (e.g. VIRTIO_BLK_F_*);
 ``ring_features`` (VERSION_1, INDIRECT_DESC, EVENT_IDX by default) are implemented by the
-framework's rings. ``features`` is their union; set ``features`` itself to take full control.
+framework's rings. ``features`` is their union; override ``features`` itself to take full control.
 Protocol features (REPLY_ACK, CONFIG, MQ, CONFIGURE_MEM_SLOTS, LOG_SHMFD, RESET_DEVICE, STATUS,
 BACKEND_REQ, and INFLIGHT_SHMFD with ``uses_inflight = True``) are offered without effort.
 
 Threading: hooks run on the connection thread; ``handle_queue`` / ``handle_chain`` run on the
 worker thread that owns the queue (one thread for all queues unless the daemon has
-``workers > 1``). Queue ``i`` is always handled by the same thread, never two at once.
+``workers > 1``; ``worker_for_queue`` chooses). Queue ``i`` is always handled by the same thread,
+never two at once.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from pyvhost.errors import ProtocolError, UnsupportedRequestError
-from pyvhost.user.device import DEFAULT_PROTOCOL_FEATURES, VringNotifier
-from pyvhost.user.device import Device as _ProtocolDevice
-from pyvhost.user.protocol import ProtocolFeature
+from pyvhost.errors import UnsupportedRequestError
+from pyvhost.user.protocol import FRAMEWORK_PROTOCOL_FEATURES, ProtocolFeature
 from pyvhost.virtio import features as vf
 
 if TYPE_CHECKING:
-    from pyvhost.daemon.loop import EventLoop
+    from pyvhost.user.channel import Channel
     from pyvhost.virtio.chain import DescriptorChain
     from pyvhost.virtio.memory import GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
 __all__ = [
+    "BATCH",
     "DEFAULT_RING_FEATURES",
-    "FRAMEWORK_PROTOCOL_FEATURES",
     "Device",
+    "DeviceHost",
+    "WatchCallback",
+    "attach",
+    "detach",
 ]
 
 log = logging.getLogger("pyvhost.daemon")
 
-DEFAULT_RING_FEATURES = (
-    1 << vf.F_VERSION_1 | 1 << vf.F_RING_INDIRECT_DESC | 1 << vf.F_RING_EVENT_IDX
-)
+DEFAULT_RING_FEATURES = vf.bit_mask(vf.F_VERSION_1, vf.F_RING_INDIRECT_DESC, vf.F_RING_EVENT_IDX)
 """Ring features every device gets: the framework's rings implement them."""
-
-FRAMEWORK_PROTOCOL_FEATURES = (
-    DEFAULT_PROTOCOL_FEATURES | 1 << ProtocolFeature.CONFIG | 1 << ProtocolFeature.STATUS
-)
-"""Protocol features offered for every device (INFLIGHT_SHMFD is added by ``uses_inflight``)."""
 
 BATCH = 64
 """Chains the default ``handle_queue`` pops at a time."""
 
+WatchCallback = Callable[[int], None]
+"""Called with the watched fd when it is readable (see :meth:`Device.watch`)."""
 
-class Device(_ProtocolDevice):
+_watch_lock = threading.Lock()
+"""Orders watch / unwatch against a host arriving or leaving (rare, so one lock for all). Never
+held while waiting for a callback: a callback may watch or unwatch."""
+
+
+class DeviceHost(Protocol):
+    """What serves a :class:`Device` (the daemon's adapter), as the device sees it."""
+
+    @property
+    def acked_features(self) -> int: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def mem(self) -> GuestMemory | None: ...
+
+    @property
+    def channel(self) -> Channel | None: ...
+
+    def notify(self, index: int) -> None: ...
+
+    def add_watch(self, fd: int, callback: WatchCallback, queue: int) -> None: ...
+
+    def remove_watch(self, fd: int) -> None: ...
+
+
+class Device:
     """Subclass this: declare queues, features and config; implement ``handle_chain`` or
     ``handle_queue``. See the module docstring for an example."""
 
@@ -109,50 +146,53 @@ class Device(_ProtocolDevice):
     uses_inflight: bool = False
     """Offer INFLIGHT_SHMFD: in-flight chains survive a back-end restart and are redone first."""
 
-    mem: GuestMemory | None = None
-    """The guest memory of the current connection (set before the first queue starts)."""
+    _host: DeviceHost | None = None
+    _watches: dict[int, tuple[WatchCallback, int]] | None = None
 
-    _loop: EventLoop | None = None
-    _protocol_override: int | None = None
-    _owns_loop: bool = False
-
-    # -- what the handler reads -----------------------------------------------------------------
+    # -- what the framework reads -----------------------------------------------------------------
 
     @property
     def features(self) -> int:
         """Virtio features offered: ``device_features | ring_features``."""
         return self.device_features | self.ring_features
 
-    @features.setter
-    def features(self, value: int) -> None:
-        self.device_features, self.ring_features = value, 0
-
-    @property
-    def max_queue_size(self) -> int:
-        """SET_VRING_NUM limit: ``queue_size``."""
-        return self.queue_size
-
-    @max_queue_size.setter
-    def max_queue_size(self, value: int) -> None:
-        self.queue_size = value
-
     @property
     def protocol_features(self) -> int:
         """Protocol features offered (framework set, inflight if asked, extras)."""
-        if self._protocol_override is not None:
-            return self._protocol_override
         bits = FRAMEWORK_PROTOCOL_FEATURES | self.extra_protocol_features
         if self.uses_inflight:
             bits |= 1 << ProtocolFeature.INFLIGHT_SHMFD
         return bits
 
-    @protocol_features.setter
-    def protocol_features(self, value: int) -> None:
-        self._protocol_override = value
+    # -- what the framework keeps for the device (read-only here) --------------------------------
+
+    @property
+    def acked_features(self) -> int:
+        """Virtio features the driver accepted (0 while no front-end is connected)."""
+        host = self._host
+        return 0 if host is None else host.acked_features
+
+    @property
+    def status(self) -> int:
+        """The virtio device status the driver last wrote."""
+        host = self._host
+        return 0 if host is None else host.status
+
+    @property
+    def mem(self) -> GuestMemory | None:
+        """The guest memory of the current connection (set before the first queue starts)."""
+        host = self._host
+        return None if host is None else host.mem
+
+    @property
+    def channel(self) -> Channel | None:
+        """The back-end request channel, once the front-end gave one (SET_BACKEND_REQ_FD)."""
+        host = self._host
+        return None if host is None else host.channel
 
     def has_feature(self, bit: int) -> bool:
         """Whether the driver accepted virtio feature ``bit``."""
-        return bool(self.acked_features >> bit & 1)
+        return vf.has_bit(self.acked_features, bit)
 
     # -- hooks for device authors (all optional) ------------------------------------------------
 
@@ -174,8 +214,16 @@ class Device(_ProtocolDevice):
         """Back to the initial state: the front-end reset the device or left."""
 
     def memory_changed(self, mem: GuestMemory) -> None:
-        """The memory table changed; views into the old table are invalid. Call super()."""
-        self.mem = mem
+        """The memory table changed (``self.mem`` is already ``mem``); views into the old table
+        are invalid."""
+
+    def worker_for_queue(self, index: int, workers: int) -> int:
+        """The worker thread (``0 .. workers-1``) that serves queue ``index``; default round robin.
+
+        Asked once per queue when a front-end connects; queues that share state (a net device's
+        RX queue and its TAP watch) belong on one worker.
+        """
+        return index % workers
 
     def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
         """Queue ``index`` has work: process every available chain (default: ``handle_chain``)."""
@@ -192,9 +240,9 @@ class Device(_ProtocolDevice):
 
     def notify(self, index: int) -> None:
         """Signal queue ``index``'s call eventfd now (devices completing chains on their own)."""
-        loop = self._loop
-        if loop is not None:
-            loop.notify(self, index)
+        host = self._host
+        if host is not None:
+            host.notify(index)
 
     def notify_config_change(self) -> bool:
         """Tell the driver the config space changed (BACKEND_REQ CONFIG_CHANGE_MSG).
@@ -208,65 +256,64 @@ class Device(_ProtocolDevice):
         channel.config_change()
         return True
 
-    # -- framework plumbing (the handler calls these; override the hooks above instead) --------
+    def watch(self, fd: int, callback: WatchCallback, *, queue: int = 0) -> None:
+        """Call ``callback(fd)`` on queue ``queue``'s worker thread whenever ``fd`` is readable.
 
-    def attach_loop(self, loop: EventLoop) -> None:
-        """Run this device's queues on ``loop`` (the Daemon's); else a private one is made."""
-        self._loop, self._owns_loop = loop, False
-
-    def _ensure_loop(self) -> EventLoop:
-        if self._loop is None:
-            from pyvhost.daemon.loop import EventLoop
-
-            self._loop = EventLoop(workers=1, name=type(self).__name__)
-            self._owns_loop = True
-        return self._loop
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        data = self.config_bytes()
-        if offset < 0 or size < 0 or offset + size > len(data):
-            raise ProtocolError(
-                f"offset {offset} + size {size} is beyond the {len(data)}-byte config space",
-                request="GET_CONFIG",
-                field="size",
+        For the device's own fds (a TAP, a listening socket); the device keeps owning ``fd``.
+        Level-triggered: read what is there (at end of file, unwatch), or the callback comes
+        again. The watch is served while a front-end is connected and lasts until
+        :meth:`unwatch`; a callback that raises is logged and its watch removed. May be called
+        from any thread, before the device is served too.
+        """
+        if not 0 <= queue < self.num_queues:
+            raise ValueError(
+                f"watch: queue {queue} out of range (device has {self.num_queues} queues)"
             )
-        return bytes(data[offset : offset + size])
+        with _watch_lock:
+            watches = self._watches
+            if watches is None:
+                watches = self._watches = {}
+            if fd in watches:
+                raise ValueError(f"watch: fd {fd} is already watched")
+            host = self._host
+            if host is not None:
+                host.add_watch(fd, callback, queue)
+            watches[fd] = (callback, queue)
 
-    def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        space = len(self.config_bytes())
-        if offset < 0 or offset + len(data) > space:
-            raise ProtocolError(
-                f"offset {offset} + size {len(data)} is beyond the {space}-byte config space",
-                request="SET_CONFIG",
-                field="size",
-            )
-        self.config_written(offset, bytes(data))
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (a no-op if it is not watched); once this returns the callback is
+        not running and will not be called again, unless this is called from the callback."""
+        with _watch_lock:
+            if self._watches is None or self._watches.pop(fd, None) is None:
+                return
+            host = self._host
+        if host is not None:
+            host.remove_watch(fd)
 
-    def set_status(self, status: int) -> None:
-        self.status = status
-        self.status_changed(status)
 
-    def reset(self) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.remove_device(self)
-            if self._owns_loop:
-                loop.stop()
-                self._loop, self._owns_loop = None, False
-        self.acked_features = 0
-        self.status = 0
-        self.on_reset()
+def attach(device: Device, host: DeviceHost) -> None:
+    """Framework side: ``host`` serves ``device`` from now on; the device's watches go live."""
+    with _watch_lock:
+        if device._host is not None:
+            raise RuntimeError(f"{type(device).__name__} is already served by another connection")
+        added: list[int] = []
+        try:
+            for fd, (callback, queue) in (device._watches or {}).items():
+                host.add_watch(fd, callback, queue)
+                added.append(fd)
+        except BaseException:
+            for fd in added:
+                host.remove_watch(fd)
+            raise
+        device._host = host
 
-    def queue_started(self, index: int, queue: DeviceQueue, notifier: VringNotifier) -> None:
-        mem = self.mem if self.mem is not None else getattr(queue, "_mem", None)
-        if mem is None:
-            raise ProtocolError(f"vring {index} started before any memory table")
-        self._ensure_loop().add_queue(self, index, queue, notifier, mem)
 
-    def queue_stopped(self, index: int) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.remove_queue(self, index)
-
-    def queue_enabled(self, index: int, enabled: bool) -> None:
-        self._ensure_loop().set_enabled(self, index, enabled)
+def detach(device: Device, host: DeviceHost) -> None:
+    """Framework side: ``host`` no longer serves ``device``; its watches stay declared."""
+    with _watch_lock:
+        if device._host is not host:
+            return
+        device._host = None
+        fds = list(device._watches or {})
+    for fd in fds:
+        host.remove_watch(fd)

@@ -1,9 +1,14 @@
 """The event loop: kick eventfds in ``select.epoll``, queues spread over worker threads.
 
-Each worker thread has its own epoll set and serves a fixed subset of the queues (queue ``i`` on
-worker ``i % workers``), so a queue is never handled by two threads and needs no lock of its own
-beyond the one that lets ``queue_stopped`` wait for the worker to let go. With ``workers=1``
-(the default) one loop thread serves every queue; the connection thread only speaks the protocol.
+Each worker thread has its own epoll set and serves a fixed subset of the queues (the one the
+caller names: the adapter asks the device's ``worker_for_queue``, ``i % workers`` by default), so a
+queue is never handled by two threads and needs no lock of its own beyond the one that lets
+``queue_stopped`` wait for the worker to let go. With ``workers=1`` (the default) one loop thread
+serves every queue; the connection thread only speaks the protocol. The loop knows no device class:
+it serves a :class:`QueueOwner` (the daemon's adapter).
+
+A worker also serves watches: other fds (a device's TAP, a listening socket) whose callback runs on
+that worker whenever the fd is readable. A callback that raises is logged and its watch removed.
 
 On a kick the worker drains the eventfd and runs the standard race-free pattern::
 
@@ -64,20 +69,19 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pyvhost.errors import GuestMemoryError, InflightError, VirtqueueError
 
 if TYPE_CHECKING:
-    from pyvhost.daemon.device import Device
     from pyvhost.user.device import VringNotifier
     from pyvhost.virtio.chain import DescriptorChain
     from pyvhost.virtio.memory import GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
-__all__ = ["DRAIN_TIMEOUT", "EventLoop", "ResumedQueue"]
+__all__ = ["DRAIN_TIMEOUT", "EventLoop", "QueueOwner", "ResumedQueue"]
 
 log = logging.getLogger("pyvhost.daemon")
 
@@ -93,6 +97,17 @@ _EPOLL_FLAGS = select.EPOLLIN
 DRAIN_TIMEOUT = 10.0
 """How long stopping a queue (GET_VRING_BASE, a memory change) waits for chains the device
 popped and has not pushed back: the spec wants the reply after in-flight requests are done."""
+
+
+class QueueOwner(Protocol):
+    """What the loop serves queues for (the daemon's adapter): it processes a queue with work."""
+
+    @property
+    def name(self) -> str:
+        """For logs: the device's name."""
+        ...
+
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None: ...
 
 
 class ResumedQueue:
@@ -153,7 +168,7 @@ class ResumedQueue:
 class _QueueState:
     """One started ring as the loop sees it."""
 
-    device: Device
+    device: QueueOwner
     index: int
     queue: DeviceQueue
     notifier: VringNotifier
@@ -169,8 +184,22 @@ class _QueueState:
     calls: int = 0
 
 
+@dataclass(eq=False)
+class _Watch:
+    """One watched fd: ``callback(fd)`` runs on ``worker`` while it is readable."""
+
+    owner: object
+    fd: int
+    callback: Callable[[int], None]
+    on_error: Callable[[int], None] | None
+    worker: _Worker
+    loop: EventLoop
+    removed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class _Worker:
-    """One loop thread: an epoll set of kick fds plus a wake-up eventfd."""
+    """One loop thread: an epoll set of kick fds and watched fds plus a wake-up eventfd."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -179,6 +208,7 @@ class _Worker:
         self.epoll.register(self.wake_fd, _EPOLL_FLAGS)
         self.lock = threading.Lock()
         self.by_fd: dict[int, _QueueState] = {}
+        self.watches: dict[int, _Watch] = {}
         self.polling: set[_QueueState] = set()
         self.ready: list[_QueueState] = []
         self.running = True
@@ -221,6 +251,24 @@ class _Worker:
         if state in self.ready:
             self.ready.remove(state)
 
+    def add_watch(self, watch: _Watch) -> None:
+        with self.lock:
+            self.epoll.register(watch.fd, _EPOLL_FLAGS)
+            self.watches[watch.fd] = watch
+
+    def remove_watch(self, watch: _Watch) -> None:
+        """Stop serving ``watch``; from another thread, wait for a running callback to return."""
+        with self.lock:
+            if self.watches.get(watch.fd) is watch:
+                del self.watches[watch.fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(watch.fd)
+        if threading.current_thread() is self.thread:
+            watch.removed = True
+            return
+        with watch.lock:
+            watch.removed = True
+
     def schedule(self, state: _QueueState) -> None:
         """Process ``state`` soon even without a kick (start, enable, recovered chains)."""
         with self.lock:
@@ -262,6 +310,7 @@ class _Worker:
                     return
                 raise
             due: list[tuple[_QueueState, bool]] = []
+            watched: list[_Watch] = []
             with self.lock:
                 for fd, _ in events:
                     if fd == self.wake_fd:
@@ -271,6 +320,8 @@ class _Worker:
                     state = self.by_fd.get(fd)
                     if state is not None:
                         due.append((state, True))
+                    elif (watch := self.watches.get(fd)) is not None:
+                        watched.append(watch)
                 if self.ready:
                     due.extend((s, False) for s in self.ready if all(s is not d for d, _ in due))
                     self.ready.clear()
@@ -278,9 +329,12 @@ class _Worker:
                     due.extend((s, False) for s in self.polling)
             state = None
             _service_all(due)
+            for watch in watched:
+                _run_watch(watch)
             # No reference may outlive the round: a stopped queue's views into guest memory
             # would keep the last front-end's memory mapped while the worker sleeps.
             due.clear()
+            watched.clear()
 
 
 def _drain(fd: int) -> int:
@@ -324,6 +378,25 @@ def _service(state: _QueueState, kicked: bool) -> None:
             state.queue = queue.inner
 
 
+def _run_watch(watch: _Watch) -> None:
+    """Call a watch's callback; one that raises is logged and its watch removed."""
+    with watch.lock:
+        if watch.removed:
+            return
+        try:
+            watch.callback(watch.fd)
+            return
+        except Exception:
+            name = getattr(watch.callback, "__qualname__", repr(watch.callback))
+            log.exception("fd %d: watch callback %s raised; watch removed", watch.fd, name)
+    watch.loop.remove_watch(watch.owner, watch.fd)
+    if watch.on_error is not None:
+        try:
+            watch.on_error(watch.fd)
+        except Exception:
+            log.exception("fd %d: cleaning up the failed watch raised", watch.fd)
+
+
 def _stop_broken(state: _QueueState, reason: str) -> None:
     """Stop a queue the driver broke (or the device failed on); signal its error eventfd."""
     prefix = f"queue {state.index}: "
@@ -348,25 +421,31 @@ class EventLoop:
         self._threads: list[_Worker] = []
         self._states: dict[tuple[int, int], _QueueState] = {}
         self._enabled: dict[tuple[int, int], bool] = {}
+        self._watches: dict[int, _Watch] = {}
         self._closed = False
 
     def _worker(self, index: int) -> _Worker:
+        if not 0 <= index < self.workers:
+            raise ValueError(f"worker {index} out of range (the loop has {self.workers})")
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"event loop {self.name} is stopped")
             if not self._threads:
                 self._threads = [_Worker(f"{self.name}-worker{i}") for i in range(self.workers)]
-            return self._threads[index % self.workers]
+            return self._threads[index]
 
     def add_queue(
         self,
-        device: Device,
+        device: QueueOwner,
         index: int,
         queue: DeviceQueue,
         notifier: VringNotifier,
         mem: GuestMemory,
+        *,
+        worker: int | None = None,
     ) -> None:
-        """Serve ``queue`` (recovering inflight chains first) until :meth:`remove_queue`."""
+        """Serve ``queue`` (recovering inflight chains first) on worker ``worker`` (default
+        ``index % workers``) until :meth:`remove_queue`."""
         key = (id(device), index)
         self.remove_queue(device, index)
         try:
@@ -379,14 +458,14 @@ class EventLoop:
                 "queue %d: %d in-flight requests recovered, redone first", index, len(recovered)
             )
             queue = ResumedQueue(queue, recovered)
-        worker = self._worker(index)
-        state = _QueueState(device, index, queue, notifier, mem, worker)
+        thread = self._worker(index % self.workers if worker is None else worker)
+        state = _QueueState(device, index, queue, notifier, mem, thread)
         state.enabled = self._enabled.get(key, False)
         with self._lock:
             self._states[key] = state
-        worker.attach(state)
+        thread.attach(state)
 
-    def remove_queue(self, device: Device, index: int, *, drain: float = DRAIN_TIMEOUT) -> None:
+    def remove_queue(self, device: QueueOwner, index: int, *, drain: float = DRAIN_TIMEOUT) -> None:
         """Stop serving a queue; returns once no worker touches it any more and the chains the
         device popped are pushed back (waits up to ``drain`` seconds for a device that completes
         them later, then logs what is left)."""
@@ -409,7 +488,7 @@ class EventLoop:
                 return
             time.sleep(0.001)
 
-    def remove_device(self, device: Device) -> None:
+    def remove_device(self, device: QueueOwner) -> None:
         """Stop every queue of ``device`` and forget its enable states (reset)."""
         with self._lock:
             keys = [k for k in self._states if k[0] == id(device)]
@@ -418,7 +497,7 @@ class EventLoop:
         for _, index in keys:
             self.remove_queue(device, index)
 
-    def set_enabled(self, device: Device, index: int, enabled: bool) -> None:
+    def set_enabled(self, device: QueueOwner, index: int, enabled: bool) -> None:
         """SET_VRING_ENABLE: a disabled queue's kicks are drained but its chains wait."""
         key = (id(device), index)
         with self._lock:
@@ -429,7 +508,7 @@ class EventLoop:
             if enabled:
                 state.worker.schedule(state)
 
-    def notify(self, device: Device, index: int) -> None:
+    def notify(self, device: QueueOwner, index: int) -> None:
         """Signal queue ``index``'s call eventfd (a device completing chains itself)."""
         with self._lock:
             state = self._states.get((id(device), index))
@@ -437,17 +516,52 @@ class EventLoop:
             state.calls += 1
             state.notifier.call()
 
-    def stats(self, device: Device, index: int) -> tuple[int, int] | None:
+    def add_watch(
+        self,
+        owner: object,
+        fd: int,
+        callback: Callable[[int], None],
+        *,
+        worker: int = 0,
+        on_error: Callable[[int], None] | None = None,
+    ) -> None:
+        """Call ``callback(fd)`` on worker ``worker`` whenever ``fd`` is readable, until
+        :meth:`remove_watch`. A callback that raises is logged, its watch removed, and
+        ``on_error(fd)`` called (on the worker) so that its owner forgets it too."""
+        thread = self._worker(worker)
+        watch = _Watch(owner, fd, callback, on_error, thread, self)
+        with self._lock:
+            if fd in self._watches:
+                raise ValueError(f"fd {fd} is already watched")
+            self._watches[fd] = watch
+        try:
+            thread.add_watch(watch)
+        except BaseException:
+            with self._lock:
+                del self._watches[fd]
+            raise
+
+    def remove_watch(self, owner: object, fd: int) -> None:
+        """Stop watching ``fd`` for ``owner``; once this returns its callback is not running
+        (unless called from that callback) and will not run again."""
+        with self._lock:
+            watch = self._watches.get(fd)
+            if watch is None or watch.owner is not owner:
+                return
+            del self._watches[fd]
+        watch.worker.remove_watch(watch)
+
+    def stats(self, device: QueueOwner, index: int) -> tuple[int, int] | None:
         """``(kicks, calls)`` counted for a started queue, or None (for tests and tools)."""
         with self._lock:
             state = self._states.get((id(device), index))
         return None if state is None else (state.kicks, state.calls)
 
     def idle(self) -> None:
-        """Stop the worker threads while no queue is served (made again at the next start):
+        """Stop the worker threads while no queue or watch is served (made again when needed):
         a daemon between front-ends then holds exactly the fds it held before the first."""
         with self._lock:
-            if self._states:
+            if self._states or self._watches:
                 return
             threads, self._threads = self._threads, []
         for worker in threads:
@@ -458,6 +572,7 @@ class EventLoop:
         with self._lock:
             states = list(self._states.values())
             self._states.clear()
+            self._watches.clear()
             threads, self._threads = self._threads, []
             self._closed = True
         for state in states:

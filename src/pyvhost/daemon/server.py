@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from pyvhost.daemon.adapter import DeviceAdapter
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.loop import EventLoop
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import Connection, Listener, connect
-from pyvhost.user.device import Device as BackendDevice
+from pyvhost.user.device import BackendDevice
 
 __all__ = ["Daemon"]
 
@@ -44,22 +45,24 @@ class Daemon:
     """Serve ``device`` (an instance, reused across connections, or a factory called per
     connection) on ``socket_path``.
 
-    Any :class:`pyvhost.user.device.Device` can be served; a :class:`pyvhost.daemon.Device` also
-    gets the event loop that runs its queues.
+    A :class:`pyvhost.daemon.Device` is served through a
+    :class:`~pyvhost.daemon.adapter.DeviceAdapter` (one per connection) on the daemon's event
+    loop; any other :class:`pyvhost.user.device.BackendDevice` is handed to the protocol handler
+    as it is.
     """
 
     def __init__(
         self,
-        device: BackendDevice | Callable[[], BackendDevice],
+        device: Device | BackendDevice | Callable[[], Device | BackendDevice],
         socket_path: str | os.PathLike[str],
         *,
         client: bool = False,
         workers: int = 1,
         **handler_options: Any,
     ) -> None:
-        if isinstance(device, BackendDevice):
+        if isinstance(device, Device | BackendDevice):
             instance = device
-            self.device_factory: Callable[[], BackendDevice] = lambda: instance
+            self.device_factory: Callable[[], Device | BackendDevice] = lambda: instance
             self.device_name = type(device).__name__
         else:
             self.device_factory = device
@@ -70,7 +73,7 @@ class Daemon:
         self.handler_options = handler_options
         self.connections = 0
         """Front-ends served so far."""
-        self.device: BackendDevice | None = None
+        self.device: Device | BackendDevice | None = None
         """The device of the current (or last) connection."""
         self.ready = threading.Event()
         """Set once the socket listens (server) or the first connection attempt was made."""
@@ -158,10 +161,22 @@ class Daemon:
             conn.close()
             return
         assert self._loop is not None
+        backend: BackendDevice
         if isinstance(device, Device):
-            device.attach_loop(self._loop)
+            try:
+                backend = DeviceAdapter(device, self._loop)
+            except (ValueError, RuntimeError) as exc:
+                log.error("%s: cannot serve the device: %s; dropping the front-end", name, exc)
+                conn.close()
+                return
+            except Exception:
+                log.exception("%s: cannot serve the device; dropping the front-end", name)
+                conn.close()
+                return
+        else:
+            backend = device
         self.device = device
-        handler = BackendHandler(device, conn, name=name, **self.handler_options)
+        handler = BackendHandler(backend, conn, name=name, **self.handler_options)
         with self._lock:
             self._conn = conn
         if self._stopping.is_set():
@@ -171,6 +186,8 @@ class Daemon:
         finally:
             with self._lock:
                 self._conn = None
+            if isinstance(backend, DeviceAdapter):
+                backend.close()
             self._loop.idle()
 
     def shutdown(self) -> None:

@@ -41,8 +41,9 @@ from pyvhost.errors import (
     VhostError,
     VirtqueueError,
 )
-from pyvhost.user.frontend import DEFAULT_PROTOCOL_FEATURES, Frontend
+from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import Inflight, MemoryRegion, ProtocolFeature, VringAddr
+from pyvhost.user.protocol import FRONTEND_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.packed import PackedDriver, encode_packed_base, packed_layout
@@ -170,7 +171,7 @@ class DriverSession(Closing):
         num_queues: int = 1,
         queue_size: int = 128,
         features_mask: int = _ALL,
-        protocol_mask: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_mask: int = FRONTEND_PROTOCOL_FEATURES,
         mem_size: int = 16 << 20,
         packed: bool = False,
         indirect: bool = False,
@@ -258,7 +259,7 @@ class DriverSession(Closing):
         reconnect: float = 0.0,
         indirect: bool = False,
         use_inflight: bool = True,
-        protocol_mask: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_mask: int = FRONTEND_PROTOCOL_FEATURES,
         connect_timeout: float = 10.0,
         reply_timeout: float = 10.0,
     ) -> Self:
@@ -311,7 +312,7 @@ class DriverSession(Closing):
 
     def has_feature(self, bit: int) -> bool:
         """Whether virtio feature ``bit`` was acknowledged."""
-        return bool(self.features >> bit & 1)
+        return vf.has_bit(self.features, bit)
 
     # --- set-up -----------------------------------------------------------------------------
 

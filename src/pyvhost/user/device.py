@@ -1,8 +1,10 @@
 """The interface a vhost-user device implements, and what it gets to drive its rings.
 
-:class:`~pyvhost.user.backend.BackendHandler` speaks the protocol; a :class:`Device` only sees
-its consequences: features agreed, config space read and written, rings started with a
+:class:`~pyvhost.user.backend.BackendHandler` speaks the protocol; a :class:`BackendDevice` only
+sees its consequences: features agreed, config space read and written, rings started with a
 :class:`~pyvhost.virtio.queue.DeviceQueue` and a :class:`VringNotifier`, rings stopped, reset.
+Device authors do not implement this: they subclass :class:`pyvhost.daemon.Device`, which the
+daemon serves through an adapter of its own.
 Optional hooks raise :class:`~pyvhost.errors.UnsupportedRequestError`; the handler turns that
 into a NACK (with REPLY_ACK) or a logged close of the connection.
 
@@ -21,8 +23,9 @@ import threading
 import uuid
 from typing import TYPE_CHECKING
 
-from pyvhost.errors import ProtocolError, UnsupportedRequestError
-from pyvhost.user.protocol import ProtocolFeature
+from pyvhost.errors import UnsupportedRequestError
+from pyvhost.user.protocol import BASE_PROTOCOL_FEATURES
+from pyvhost.virtio.features import F_VERSION_1
 
 if TYPE_CHECKING:
     from pyvhost.user.channel import Channel
@@ -30,33 +33,10 @@ if TYPE_CHECKING:
     from pyvhost.virtio.queue import DeviceQueue
 
 __all__ = [
-    "DEFAULT_PROTOCOL_FEATURES",
-    "VIRTIO_F_VERSION_1",
-    "ConfigOnlyDevice",
-    "Device",
+    "BackendDevice",
     "VringNotifier",
+    "unsupported",
 ]
-
-VIRTIO_F_VERSION_1 = 32
-
-
-def _mask(*bits: int) -> int:
-    value = 0
-    for bit in bits:
-        value |= 1 << bit
-    return value
-
-
-DEFAULT_PROTOCOL_FEATURES = _mask(
-    ProtocolFeature.MQ,
-    ProtocolFeature.LOG_SHMFD,
-    ProtocolFeature.REPLY_ACK,
-    ProtocolFeature.BACKEND_REQ,
-    ProtocolFeature.BACKEND_SEND_FD,
-    ProtocolFeature.CONFIGURE_MEM_SLOTS,
-    ProtocolFeature.RESET_DEVICE,
-)
-"""What a device offers unless it says otherwise: the features that need nothing from it."""
 
 
 class VringNotifier:
@@ -177,12 +157,13 @@ def _close(fd: int | None) -> None:
             os.close(fd)
 
 
-def _unsupported(what: str) -> UnsupportedRequestError:
+def unsupported(what: str) -> UnsupportedRequestError:
+    """The error an optional hook raises for a request the device does not implement."""
     return UnsupportedRequestError(f"{what}: not supported by this device")
 
 
-class Device(abc.ABC):
-    """A virtio device behind a vhost-user back-end.
+class BackendDevice(abc.ABC):
+    """A virtio device behind a vhost-user back-end, as the protocol handler sees it.
 
     Class attributes (or properties) describe what it offers; hooks are called by the
     handler as the front-end drives the protocol. Subclasses implement ``queue_started`` and
@@ -195,10 +176,10 @@ class Device(abc.ABC):
     max_queue_size: int = 1024
     """Largest SET_VRING_NUM accepted (a power of two)."""
 
-    features: int = 1 << VIRTIO_F_VERSION_1
+    features: int = 1 << F_VERSION_1
     """Virtio feature bits offered; the handler adds PROTOCOL_FEATURES (30) and LOG_ALL (26)."""
 
-    protocol_features: int = DEFAULT_PROTOCOL_FEATURES
+    protocol_features: int = BASE_PROTOCOL_FEATURES
     """Protocol features the device wants offered; the handler offers those it supports too."""
 
     channel: Channel | None = None
@@ -214,11 +195,11 @@ class Device(abc.ABC):
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of config space at ``offset`` (GET_CONFIG)."""
-        raise _unsupported("GET_CONFIG")
+        raise unsupported("GET_CONFIG")
 
     def set_config(self, offset: int, data: bytes, flags: int) -> None:
         """Write config space (SET_CONFIG); flags 1: live migration, read-only fields too."""
-        raise _unsupported("SET_CONFIG")
+        raise unsupported("SET_CONFIG")
 
     def set_features(self, features: int) -> None:
         """The virtio features the driver accepted (bits 26 and 30 removed)."""
@@ -255,121 +236,36 @@ class Device(abc.ABC):
 
     def save_state(self) -> bytes:
         """Serialized device state for migration (SET_DEVICE_STATE_FD, direction save)."""
-        raise _unsupported("SET_DEVICE_STATE_FD save")
+        raise unsupported("SET_DEVICE_STATE_FD save")
 
     def load_state(self, data: bytes) -> None:
         """Restore the state ``save_state`` produced (direction load)."""
-        raise _unsupported("SET_DEVICE_STATE_FD load")
+        raise unsupported("SET_DEVICE_STATE_FD load")
 
     def shmem_config(self) -> tuple[int, ...]:
         """Sizes of the VIRTIO Shared Memory Regions, indexed by shmid (GET_SHMEM_CONFIG)."""
-        raise _unsupported("GET_SHMEM_CONFIG")
+        raise unsupported("GET_SHMEM_CONFIG")
 
     def get_shared_object(self, object_uuid: uuid.UUID) -> int | None:
         """A new fd (the caller closes it) for an exported object, or None if unknown."""
-        raise _unsupported("GET_SHARED_OBJECT")
+        raise unsupported("GET_SHARED_OBJECT")
 
     def net_set_mtu(self, mtu: int) -> None:
         """The host MTU to expose to the guest (NET_SET_MTU)."""
-        raise _unsupported("NET_SET_MTU")
+        raise unsupported("NET_SET_MTU")
 
     def send_rarp(self, mac: bytes) -> None:
         """Broadcast a RARP for ``mac`` after migration (SEND_RARP)."""
-        raise _unsupported("SEND_RARP")
+        raise unsupported("SEND_RARP")
 
     def create_crypto_session(self, request: bytes) -> bytes:
         """Create a crypto session from the raw description; return the reply payload."""
-        raise _unsupported("CREATE_CRYPTO_SESSION")
+        raise unsupported("CREATE_CRYPTO_SESSION")
 
     def close_crypto_session(self, session_id: int) -> None:
         """Close a crypto session."""
-        raise _unsupported("CLOSE_CRYPTO_SESSION")
+        raise unsupported("CLOSE_CRYPTO_SESSION")
 
     def gpu_set_socket(self, fd: int) -> None:
         """The vhost-user-gpu protocol socket; the device owns ``fd`` when this returns."""
-        raise _unsupported("GPU_SET_SOCKET")
-
-
-class ConfigOnlyDevice(Device):
-    """A device that serves a fixed config space and records ring events, processing nothing.
-
-    Enough for a front-end to negotiate completely (QEMU probing a vhost-user-blk disk);
-    used by tests and benchmarks. ``events`` records every hook call in order.
-    """
-
-    def __init__(
-        self,
-        config: bytes = b"",
-        *,
-        features: int = 1 << VIRTIO_F_VERSION_1,
-        num_queues: int = 1,
-        max_queue_size: int = 1024,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES | 1 << ProtocolFeature.CONFIG,
-        writable_config: bool = False,
-    ) -> None:
-        self.config = bytearray(config)
-        self.features = features
-        self.num_queues = num_queues
-        self.max_queue_size = max_queue_size
-        self.protocol_features = protocol_features
-        self.writable_config = writable_config
-        self.queues: dict[int, tuple[DeviceQueue, VringNotifier]] = {}
-        self.enabled: dict[int, bool] = {}
-        self.acked_features = 0
-        self.status = 0
-        self.events: list[tuple[str, object]] = []
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        if offset + size > len(self.config):
-            raise ProtocolError(
-                f"offset {offset} + size {size} is beyond the {len(self.config)}-byte config space",
-                request="GET_CONFIG",
-                field="size",
-            )
-        return bytes(self.config[offset : offset + size])
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        if not self.writable_config:
-            raise _unsupported("SET_CONFIG (config space is read-only)")
-        if offset + len(data) > len(self.config):
-            raise ProtocolError(
-                f"offset {offset} + size {len(data)} is beyond the {len(self.config)}-byte "
-                "config space",
-                request="SET_CONFIG",
-                field="size",
-            )
-        self.config[offset : offset + len(data)] = data
-        self.events.append(("set_config", (offset, bytes(data), flags)))
-
-    def set_features(self, features: int) -> None:
-        self.acked_features = features
-        self.events.append(("set_features", features))
-
-    def set_status(self, status: int) -> None:
-        self.status = status
-        self.events.append(("set_status", status))
-
-    def reset(self) -> None:
-        self.queues.clear()
-        self.acked_features = 0
-        self.status = 0
-        self.events.append(("reset", None))
-
-    def memory_changed(self, mem: GuestMemory) -> None:
-        self.events.append(("memory_changed", len(mem)))
-
-    def queue_started(self, index: int, queue: DeviceQueue, notifier: VringNotifier) -> None:
-        self.queues[index] = (queue, notifier)
-        self.events.append(("queue_started", index))
-
-    def queue_stopped(self, index: int) -> None:
-        self.queues.pop(index, None)
-        self.events.append(("queue_stopped", index))
-
-    def queue_enabled(self, index: int, enabled: bool) -> None:
-        self.enabled[index] = enabled
-        self.events.append(("queue_enabled", (index, enabled)))
-
-    def set_channel(self, channel: Channel | None) -> None:
-        super().set_channel(channel)
-        self.events.append(("set_channel", channel is not None))
+        raise unsupported("GPU_SET_SOCKET")

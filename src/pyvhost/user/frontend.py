@@ -61,11 +61,11 @@ from pyvhost.user.messages import (
     replies_expected,
     spec_for,
 )
+from pyvhost.user.protocol import FRONTEND_PROTOCOL_FEATURES
+from pyvhost.virtio.features import has_bit as _bit
 
 __all__ = [
-    "DEFAULT_PROTOCOL_FEATURES",
     "DEFAULT_REPLY_TIMEOUT",
-    "F_ACCESS_PLATFORM",
     "Frontend",
     "NegotiationResult",
     "decode_log_base_reply",
@@ -77,13 +77,6 @@ PF = ProtocolFeature
 
 DEFAULT_REPLY_TIMEOUT = 10.0
 """Seconds to wait for a reply; some back-ends take over a second to map guest memory."""
-
-F_ACCESS_PLATFORM = 33
-"""VIRTIO_F_ACCESS_PLATFORM (IOMMU_PLATFORM): IOTLB_MSG is only sent when it is negotiated."""
-
-_UNMODELLED = (PF.XEN_MMAP, PF.GET_VRING_BASE_INFLIGHT, PF.RESERVED_21)
-DEFAULT_PROTOCOL_FEATURES = sum(1 << f for f in PF if f not in _UNMODELLED)
-"""Protocol features this front-end implements (all but XEN_MMAP and the unconfirmed 20/21)."""
 
 _ALL_FEATURES = (1 << 64) - 1
 
@@ -117,10 +110,6 @@ def decode_log_base_reply(header: Header, payload: bytes, fds: list[int]) -> Mes
     checked = decode_reply(Request.SET_LOG_BASE, stand_in, bytes(8), fds)
     body: Payload = Empty() if size == 0 else Log.decode(payload, request="SET_LOG_BASE")
     return Message(checked.request, checked.flags, body, checked.fds)
-
-
-def _bit(value: int, bit: int) -> bool:
-    return bool(value >> bit & 1)
 
 
 def _check_index(request: Request, index: int) -> None:
@@ -708,7 +697,7 @@ class Frontend(Closing):
     def negotiate(
         self,
         features_mask: int = _ALL_FEATURES,
-        protocol_mask: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_mask: int = FRONTEND_PROTOCOL_FEATURES,
         *,
         backend_handler: BackendRequestHandler | None = None,
         set_owner: bool = True,
@@ -729,7 +718,7 @@ class Frontend(Closing):
         if _bit(offered, F_PROTOCOL_FEATURES):
             features |= 1 << F_PROTOCOL_FEATURES
             offered_pf = self.get_protocol_features()
-            pf = offered_pf & protocol_mask & DEFAULT_PROTOCOL_FEATURES
+            pf = offered_pf & protocol_mask & FRONTEND_PROTOCOL_FEATURES
             inband_needs = 1 << PF.BACKEND_REQ | 1 << PF.REPLY_ACK
             if pf & inband_needs != inband_needs:
                 pf &= ~(1 << PF.INBAND_NOTIFICATIONS)

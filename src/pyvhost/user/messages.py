@@ -40,8 +40,6 @@ from pyvhost.user.payloads import (
 )
 from pyvhost.user.protocol import (
     DEVICE_STATE_NOFD,
-    F_LOG_ALL,
-    F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     FLAG_VERSION_MASK,
@@ -62,7 +60,7 @@ from pyvhost.user.protocol import (
     protocol_error,
     protocol_feature_names,
 )
-from pyvhost.virtio.features import F_ACCESS_PLATFORM, feature_names
+from pyvhost.virtio.features import F_ACCESS_PLATFORM, F_LOG_ALL, F_PROTOCOL_FEATURES, feature_names
 
 __all__ = [
     "BACKEND_REQUESTS",

@@ -1,10 +1,16 @@
-"""vhost-user request numbers, protocol feature bits and wire constants (``vhost-user.rst``)."""
+"""vhost-user request numbers, protocol feature bits and sets, wire constants (``vhost-user.rst``).
+
+The protocol-feature sets saying who implements or offers what live here and nowhere else. The two
+vhost-user bits of the virtio feature word (LOG_ALL, PROTOCOL_FEATURES) are in
+:mod:`pyvhost.virtio.features` with the other feature bits.
+"""
 
 from __future__ import annotations
 
 import enum
 
 from pyvhost.errors import ProtocolError
+from pyvhost.virtio.features import bit_mask
 
 HEADER_SIZE = 12
 VERSION = 1
@@ -19,8 +25,6 @@ VRING_NOFD = 0x100
 MAX_MEMORY_REGIONS = 8
 MAX_CONFIG_SIZE = 256
 MAX_SHMEM_REGIONS = 256
-F_LOG_ALL = 26
-F_PROTOCOL_FEATURES = 30
 DEVICE_STATE_NOFD = 0x100
 VRING_F_LOG = 0x1
 """``VHOST_VRING_F_LOG`` as a mask of ``VringAddr.flags`` (the only defined vring address flag)."""
@@ -116,6 +120,56 @@ class ProtocolFeature(enum.IntEnum):
     GET_VRING_BASE_INFLIGHT = 20
     RESERVED_21 = 21
     SHMEM = 22
+
+
+PF = ProtocolFeature
+
+FRONTEND_PROTOCOL_FEATURES = bit_mask(
+    *(f for f in PF if f not in (PF.XEN_MMAP, PF.GET_VRING_BASE_INFLIGHT, PF.RESERVED_21))
+)
+"""Protocol features :class:`~pyvhost.user.frontend.Frontend` implements (all but XEN_MMAP and
+the unconfirmed 20/21): what it accepts of a back-end's offer unless told otherwise."""
+
+HANDLER_PROTOCOL_FEATURES = bit_mask(
+    PF.MQ,
+    PF.LOG_SHMFD,
+    PF.RARP,
+    PF.REPLY_ACK,
+    PF.MTU,
+    PF.BACKEND_REQ,
+    PF.CRYPTO_SESSION,
+    PF.PAGEFAULT,
+    PF.CONFIG,
+    PF.BACKEND_SEND_FD,
+    PF.HOST_NOTIFIER,
+    PF.INFLIGHT_SHMFD,
+    PF.RESET_DEVICE,
+    PF.INBAND_NOTIFICATIONS,
+    PF.CONFIGURE_MEM_SLOTS,
+    PF.STATUS,
+    PF.SHARED_OBJECT,
+    PF.DEVICE_STATE,
+    PF.SHMEM,
+)
+"""Protocol features :class:`~pyvhost.user.backend.BackendHandler` implements, offered when its
+device asks for them (not CROSS_ENDIAN: big-endian rings are not supported; not XEN_MMAP; not the
+bits above DEVICE_STATE whose meaning is unsettled but SHMEM)."""
+
+BASE_PROTOCOL_FEATURES = bit_mask(
+    PF.MQ,
+    PF.LOG_SHMFD,
+    PF.REPLY_ACK,
+    PF.BACKEND_REQ,
+    PF.BACKEND_SEND_FD,
+    PF.CONFIGURE_MEM_SLOTS,
+    PF.RESET_DEVICE,
+)
+"""What a :class:`~pyvhost.user.device.BackendDevice` offers unless it says otherwise: the
+features that need nothing from the device."""
+
+FRAMEWORK_PROTOCOL_FEATURES = BASE_PROTOCOL_FEATURES | bit_mask(PF.CONFIG, PF.STATUS)
+"""What every :class:`pyvhost.daemon.Device` offers (INFLIGHT_SHMFD is added by
+``uses_inflight``): the daemon answers config and status requests for it."""
 
 
 def protocol_feature_names(bits: int) -> list[str]:

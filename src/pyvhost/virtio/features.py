@@ -1,7 +1,9 @@
-"""virtio feature bit numbers (common, virtio-blk, virtio-net) and a bit-to-name table.
+"""virtio feature bit numbers (common, virtio-blk, virtio-net), a bit-to-name table, bit helpers.
 
 Plain constants so that vhost code and device code share one spelling; knows nothing of vhost
 beyond naming the two vhost-user bits (26 LOG_ALL, 30 PROTOCOL_FEATURES) for readable traces.
+:func:`bit_mask` and :func:`has_bit` are the one spelling of "these bits" and "is this bit set"
+for every feature word (virtio and vhost-user protocol features alike).
 """
 
 from __future__ import annotations
@@ -83,6 +85,19 @@ NET_F_RSS = 60
 NET_F_RSC_EXT = 61
 NET_F_STANDBY = 62
 NET_F_SPEED_DUPLEX = 63
+
+
+def bit_mask(*bits: int) -> int:
+    """The feature word with exactly ``bits`` set."""
+    value = 0
+    for bit in bits:
+        value |= 1 << bit
+    return value
+
+
+def has_bit(value: int, bit: int) -> bool:
+    """Whether bit number ``bit`` is set in the feature word ``value``."""
+    return bool(value >> bit & 1)
 
 
 def _table(prefix: str) -> Mapping[int, str]:

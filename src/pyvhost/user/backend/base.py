@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pyvhost.errors import ProtocolError
 from pyvhost.user.channel import Channel
 from pyvhost.user.connection import Connection
-from pyvhost.user.device import Device, VringNotifier
+from pyvhost.user.device import BackendDevice, VringNotifier
 from pyvhost.user.messages import (
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
@@ -22,7 +22,9 @@ from pyvhost.user.messages import (
     VringAddr,
 )
 from pyvhost.user.postcopy import Userfaultfd
+from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
+from pyvhost.virtio.features import has_bit
 from pyvhost.virtio.inflight import InflightRegion
 from pyvhost.virtio.memory import DirtyLog, GuestMemory
 
@@ -36,38 +38,7 @@ MAX_MEM_SLOTS = 32
 """GET_MAX_MEM_SLOTS answer (why 32: the docstring of :mod:`pyvhost.user.backend.handler`)."""
 
 
-def _bits(*bits: int) -> int:
-    value = 0
-    for bit in bits:
-        value |= 1 << bit
-    return value
-
-
 PF = ProtocolFeature
-
-HANDLER_PROTOCOL_FEATURES = _bits(
-    PF.MQ,
-    PF.LOG_SHMFD,
-    PF.RARP,
-    PF.REPLY_ACK,
-    PF.MTU,
-    PF.BACKEND_REQ,
-    PF.CRYPTO_SESSION,
-    PF.PAGEFAULT,
-    PF.CONFIG,
-    PF.BACKEND_SEND_FD,
-    PF.HOST_NOTIFIER,
-    PF.INFLIGHT_SHMFD,
-    PF.RESET_DEVICE,
-    PF.INBAND_NOTIFICATIONS,
-    PF.CONFIGURE_MEM_SLOTS,
-    PF.STATUS,
-    PF.SHARED_OBJECT,
-    PF.DEVICE_STATE,
-    PF.SHMEM,
-)
-"""Protocol features this handler implements (not CROSS_ENDIAN: big-endian rings are not
-supported; not XEN_MMAP; not the bits above DEVICE_STATE whose meaning is unsettled but SHMEM)."""
 
 
 class FatalProtocolError(ProtocolError):
@@ -104,16 +75,12 @@ def power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def has_bit(bits: int, bit: int) -> bool:
-    return bool(bits >> bit & 1)
-
-
 class HandlerCore:
     """The state of one connection and the lookups every group of requests needs."""
 
     def __init__(
         self,
-        device: Device,
+        device: BackendDevice,
         conn: Connection,
         *,
         name: str = "vhost-user",

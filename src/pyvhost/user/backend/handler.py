@@ -1,4 +1,4 @@
-"""BackendHandler: the per-connection vhost-user back-end state machine, driving a Device.
+"""BackendHandler: the per-connection vhost-user back-end state machine, driving a BackendDevice.
 
 One handler serves one front-end connection. :meth:`BackendHandler.handle` processes one
 message (testable without threads); :meth:`BackendHandler.serve` loops until the front-end
@@ -30,12 +30,12 @@ from pyvhost.errors import (
     UnsupportedRequestError,
     VhostError,
 )
-from pyvhost.user.backend.base import MAX_MEM_SLOTS, PF, FatalProtocolError, Reply, has_bit, log
+from pyvhost.user.backend.base import MAX_MEM_SLOTS, PF, FatalProtocolError, Reply, log
 from pyvhost.user.backend.memory import MemoryRequests
 from pyvhost.user.backend.state import StateTransferRequests
 from pyvhost.user.channel import Channel
 from pyvhost.user.connection import Connection, Frame
-from pyvhost.user.device import Device
+from pyvhost.user.device import BackendDevice
 from pyvhost.user.messages import (
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
@@ -52,6 +52,7 @@ from pyvhost.user.messages import (
     gate_refusal,
     spec_for,
 )
+from pyvhost.virtio.features import has_bit
 
 
 class BackendHandler(MemoryRequests, StateTransferRequests):
@@ -59,7 +60,7 @@ class BackendHandler(MemoryRequests, StateTransferRequests):
 
     def __init__(
         self,
-        device: Device,
+        device: BackendDevice,
         conn: Connection,
         *,
         name: str = "vhost-user",

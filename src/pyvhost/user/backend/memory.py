@@ -8,7 +8,7 @@ from pyvhost.errors import (
     GuestMemoryError,
     ProtocolError,
 )
-from pyvhost.user.backend.base import FatalProtocolError, Reply, has_bit, log
+from pyvhost.user.backend.base import FatalProtocolError, Reply, log
 from pyvhost.user.backend.vrings import VringRequests
 from pyvhost.user.messages import (
     F_LOG_ALL,
@@ -24,6 +24,7 @@ from pyvhost.user.messages import (
     encode_reply,
 )
 from pyvhost.user.postcopy import Userfaultfd, view_address
+from pyvhost.virtio.features import has_bit
 from pyvhost.virtio.memory import DirtyLog, RegionSpec
 
 POSTCOPY_ACK_TIMEOUT = 30.0

@@ -12,7 +12,7 @@ from pyvhost.errors import (
     ProtocolError,
     VhostError,
 )
-from pyvhost.user.backend.base import HandlerCore, Reply, Vring, has_bit, log, power_of_two
+from pyvhost.user.backend.base import HandlerCore, Reply, Vring, log, power_of_two
 from pyvhost.user.messages import (
     U64,
     VRING_F_LOG,
@@ -24,6 +24,7 @@ from pyvhost.user.messages import (
     VringState,
 )
 from pyvhost.virtio import features as vf
+from pyvhost.virtio.features import has_bit
 from pyvhost.virtio.inflight import InflightRegion
 from pyvhost.virtio.packed import PackedQueue, decode_packed_base
 from pyvhost.virtio.split import SplitQueue

@@ -1,11 +1,9 @@
-"""virtio-blk over a raw image file or a block device (virtio 1.2 section 5.2).
+"""virtio-blk requests (virtio 1.2 section 5.2) executed against an image fd: :class:`BlkBackend`.
 
-:class:`BlkBackend` is the request processor: it takes one popped
-:class:`~pyvhost.virtio.chain.DescriptorChain`, performs the request with ``os.preadv`` /
-``os.pwritev`` straight into and out of the guest-memory views, writes the status byte and
-returns the used length. It keeps no per-request state, so queues can run it from several
-threads at once (positional I/O on one fd needs no lock). :class:`BlkDevice` puts it behind the
-framework's :class:`pyvhost.daemon.Device`.
+It takes one popped :class:`~pyvhost.virtio.chain.DescriptorChain`, performs the request with
+``os.preadv`` / ``os.pwritev`` straight into and out of the guest-memory views, writes the status
+byte and returns the used length. It keeps no per-request state, so queues can run it from several
+threads at once (positional I/O on one fd needs no lock).
 
 Status choices, as QEMU's virtio-blk makes them: an unknown request type, a discard with the
 unmap flag, unknown segment flags or too many discard / write-zeroes segments get
@@ -27,7 +25,6 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -35,20 +32,21 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from pyvhost.closing import Closing
-from pyvhost.daemon.device import BATCH, DEFAULT_RING_FEATURES, Device
+from pyvhost.devices.blk.config import (
+    DEFAULT_LIMITS,
+    SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES,
+    BlkLimits,
+    check_serial,
+    default_serial,
+    encode_config,
+)
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.chain import DescriptorChain
-from pyvhost.virtio.memory import GuestMemory
-from pyvhost.virtio.queue import DeviceQueue
 
 __all__ = [
-    "COMPLETE_BYTES",
-    "CONFIG_SIZE",
-    "SECTOR_SIZE",
-    "VIRTIO_BLK_ID_BYTES",
     "VIRTIO_BLK_S_IOERR",
     "VIRTIO_BLK_S_OK",
     "VIRTIO_BLK_S_UNSUPP",
@@ -60,13 +58,10 @@ __all__ = [
     "VIRTIO_BLK_T_WRITE_ZEROES",
     "VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP",
     "BlkBackend",
-    "BlkDevice",
-    "BlkLimits",
-    "default_serial",
-    "encode_config",
+    "fallocate",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pyvhost.devices.blk")
 
 VIRTIO_BLK_T_IN = 0
 VIRTIO_BLK_T_OUT = 1
@@ -80,22 +75,11 @@ VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-VIRTIO_BLK_ID_BYTES = 20
-SECTOR_SIZE = 512
 HEADER_SIZE = 16
 SEGMENT_SIZE = 16
 
-CONFIG_SIZE = 96
-"""``sizeof(struct virtio_blk_config)`` up to and including the zoned fields (Linux uapi)."""
-
 _HEADER = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
-# capacity, size_max, seg_max, cylinders, heads, sectors, blk_size,
-# physical_block_exp, alignment_offset, min_io_size, opt_io_size, writeback, unused0,
-# num_queues, max_discard_sectors, max_discard_seg, discard_sector_alignment,
-# max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap
-_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-assert _CONFIG.size == 60
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _ZEROS = bytes(1 << 20)
@@ -106,80 +90,6 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _BLKDISCARD = 0x1277
 _BLKZEROOUT = 0x127F
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
-
-
-@dataclass(frozen=True, slots=True)
-class BlkLimits:
-    """Request limits the device advertises in its config space and enforces."""
-
-    seg_max: int = 126
-    """Data segments per request (config ``seg_max``), as qemu-storage-daemon says.
-
-    Read by the guest before any ring exists, so it must hold for every ring size: Linux sizes its
-    scatter lists from it and sends them as indirect tables, which the rings accept up to
-    :data:`~pyvhost.virtio.chain.MAX_INDIRECT_DESCRIPTORS` whatever the ring size; 126 data
-    segments plus header and status also fit a 128-entry ring (QEMU's default) without indirect.
-    """
-    size_max: int = 1 << 20
-    """Largest data segment the driver should use (config ``size_max``); advisory."""
-    max_discard_sectors: int = 1 << 22
-    max_discard_seg: int = 32
-    discard_sector_alignment: int = 8
-    max_write_zeroes_sectors: int = 1 << 22
-    max_write_zeroes_seg: int = 32
-
-
-def encode_config(
-    capacity_sectors: int,
-    *,
-    limits: BlkLimits = BlkLimits(),
-    blk_size: int = SECTOR_SIZE,
-    num_queues: int = 1,
-    writeback: bool = True,
-    write_zeroes_may_unmap: bool = True,
-) -> bytes:
-    """The ``virtio_blk_config`` bytes (little-endian), zero where a feature is not offered."""
-    head = _CONFIG.pack(
-        capacity_sectors,
-        limits.size_max,
-        limits.seg_max,
-        0,
-        0,
-        0,
-        blk_size,
-        0,
-        0,
-        0,
-        0,
-        int(writeback),
-        0,
-        num_queues,
-        limits.max_discard_sectors,
-        limits.max_discard_seg,
-        limits.discard_sector_alignment,
-        limits.max_write_zeroes_sectors,
-        limits.max_write_zeroes_seg,
-        int(write_zeroes_may_unmap),
-    )
-    return head + bytes(CONFIG_SIZE - len(head))
-
-
-def default_serial(path: str | os.PathLike[str]) -> bytes:
-    """A 20-byte-at-most device ID from the image path: name prefix plus a hash of the real path."""
-    real = os.path.realpath(path)
-    digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    name = os.path.basename(real).encode("ascii", "replace")[:11]
-    return name + b"-" + digest.encode()
-
-
-def _check_serial(serial: bytes | str) -> bytes:
-    data = serial.encode("utf-8") if isinstance(serial, str) else bytes(serial)
-    if len(data) > VIRTIO_BLK_ID_BYTES:
-        raise ValueError(
-            f"serial {data!r} is {len(data)} bytes; virtio-blk IDs are at most "
-            f"{VIRTIO_BLK_ID_BYTES}"
-        )
-    return data
 
 
 class _RateLimiter:
@@ -306,7 +216,7 @@ class BlkBackend(Closing):
         readonly: bool = False,
         serial: bytes | str = b"",
         block_device: bool = False,
-        limits: BlkLimits = BlkLimits(),
+        limits: BlkLimits = DEFAULT_LIMITS,
         name: str = "blk",
     ) -> None:
         if capacity < 0 or capacity % SECTOR_SIZE:
@@ -314,7 +224,7 @@ class BlkBackend(Closing):
         self.fd = fd
         self.capacity = capacity
         self.readonly = readonly
-        self.serial = _check_serial(serial)
+        self.serial = check_serial(serial)
         self.block_device = block_device
         self.limits = limits
         self.name = name
@@ -335,7 +245,7 @@ class BlkBackend(Closing):
         *,
         readonly: bool = False,
         serial: bytes | str | None = None,
-        limits: BlkLimits = BlkLimits(),
+        limits: BlkLimits = DEFAULT_LIMITS,
     ) -> BlkBackend:
         """Open a raw image file or a block device (O_RDONLY in read-only mode)."""
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
@@ -386,10 +296,7 @@ class BlkBackend(Closing):
             bits.append(vf.BLK_F_RO)
         else:
             bits += [vf.BLK_F_DISCARD, vf.BLK_F_WRITE_ZEROES]
-        value = 0
-        for bit in bits:
-            value |= 1 << bit
-        return value
+        return vf.bit_mask(*bits)
 
     def config(self, num_queues: int = 1) -> bytes:
         """The whole config space for a device with ``num_queues`` queues."""
@@ -624,86 +531,3 @@ class BlkBackend(Closing):
                 raise OSError(errno.EIO, f"write of zeros at {offset} made no progress")
             offset += done
             length -= done
-
-
-COMPLETE_BYTES = 64 << 10
-"""Data bytes after which :meth:`BlkDevice.handle_queue` publishes what it completed so far."""
-
-
-class BlkDevice(Device):
-    """virtio-blk as a :class:`pyvhost.daemon.Device`: queues served by a :class:`BlkBackend`.
-
-    Uses inflight tracking, so a back-end restarted under a running guest redoes what was in
-    flight (harmless for block requests, see the module docstring).
-    """
-
-    device_id = 2
-    uses_inflight = True
-    ring_features = DEFAULT_RING_FEATURES | 1 << vf.F_RING_PACKED
-
-    def __init__(self, backend: BlkBackend, *, num_queues: int = 1, queue_size: int = 256) -> None:
-        if not 1 <= num_queues <= 0xFFFF:
-            raise ValueError(f"num_queues {num_queues} must be between 1 and 65535")
-        if queue_size < 4 or queue_size & (queue_size - 1) or queue_size > 32768:
-            raise ValueError(f"queue_size {queue_size} must be a power of 2 between 4 and 32768")
-        self.backend = backend
-        self.num_queues = num_queues
-        self.queue_size = queue_size
-        self.device_features = backend.features(num_queues)
-        self._config = backend.config(num_queues)
-
-    @classmethod
-    def from_args(
-        cls,
-        image: str | os.PathLike[str],
-        readonly: bool = False,
-        queues: int = 1,
-        serial: str | None = None,
-        queue_size: int = 256,
-    ) -> BlkDevice:
-        """The device ``pyvhost serve blk`` builds from its command line."""
-        backend = BlkBackend.open(image, readonly=readonly, serial=serial)
-        try:
-            return cls(backend, num_queues=queues, queue_size=queue_size)
-        except BaseException:
-            backend.close()
-            raise
-
-    def config_bytes(self) -> bytes:
-        return self._config
-
-    def handle_chain(self, index: int, chain: DescriptorChain, mem: GuestMemory) -> int:
-        return self.backend.handle(chain, index)
-
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
-        """Every available request: batches popped, straight to the backend, pushed early.
-
-        Completions are pushed (and the driver notified, if its suppression rules ask for it)
-        every :data:`COMPLETE_BYTES` of data rather than once per batch, so that the driver
-        works on the first completions while the rest of a deep batch is served. A subclass
-        that overrides ``handle_chain`` gets the framework's loop instead.
-        """
-        if type(self).handle_chain is not BlkDevice.handle_chain:
-            super().handle_queue(index, queue, mem)
-            return
-        handle = self.backend.handle
-        pop_batch = queue.pop_batch
-        push_batch = queue.push_batch
-        while chains := pop_batch(BATCH):
-            done: list[tuple[int, int]] = []
-            moved = 0
-            for chain in chains:
-                done.append((chain.head, handle(chain, index)))
-                moved += chain.read_len + chain.write_len
-                if moved >= COMPLETE_BYTES:
-                    push_batch(done)
-                    if queue.needs_notification():
-                        self.notify(index)
-                    done = []
-                    moved = 0
-            if done:
-                push_batch(done)
-
-    def close(self) -> None:
-        """Close the image."""
-        self.backend.close()
