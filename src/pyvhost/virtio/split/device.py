@@ -1,12 +1,6 @@
-"""The split virtqueue (virtio 1.x section 2.7), device side and driver side.
+"""Device side of the split virtqueue: pop the chains a driver made available, push them back.
 
-Layout (little-endian): descriptor table ``16 * size`` bytes (align 16); available ring
-``flags, idx, ring[size], used_event`` u16s (align 2); used ring ``flags, idx``, ``size``
-elements of ``(u32 id, u32 len)``, ``avail_event`` (align 4). Indices are free-running u16.
-
-Memory ordering follows :mod:`pyvhost.virtio.barrier`. Ring indices are loaded and stored
-through native ``memoryview.cast("H")`` items (single 16-bit accesses), so the host must be
-little-endian (checked).
+Memory ordering follows :mod:`pyvhost.virtio.barrier`.
 
 Hostile drivers: every descriptor is validated, every chain bounded, and a violation raises
 :class:`~pyvhost.errors.VirtqueueError` and marks the queue broken (further pops raise again).
@@ -21,8 +15,6 @@ view. A zero-length *indirect table* is rejected: section 2.7.5.3 sizes the tabl
 from __future__ import annotations
 
 import logging
-import struct
-import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -30,79 +22,27 @@ from itertools import chain as chain_items
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import EMPTY, MAX_INDIRECT_DESCRIPTORS, DescriptorChain
+from pyvhost.virtio.chain import EMPTY, DescriptorChain
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.queue import SplitInflightHooks
+from pyvhost.virtio.ring import U32_LIMIT, RingQueue, ring_view
+from pyvhost.virtio.split.layout import (
+    DESC,
+    DESC_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    check_size,
+    vring_need_event,
+)
 
-__all__ = [
-    "VRING_AVAIL_F_NO_INTERRUPT",
-    "VRING_DESC_F_INDIRECT",
-    "VRING_DESC_F_NEXT",
-    "VRING_DESC_F_WRITE",
-    "VRING_USED_F_NO_NOTIFY",
-    "SplitDriver",
-    "SplitQueue",
-    "split_layout",
-    "vring_need_event",
-]
+__all__ = ["SplitQueue"]
 
 log = logging.getLogger(__name__)
 
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
-
-MAX_QUEUE_SIZE = 32768
-DESC_SIZE = 16
-_U32_LIMIT = 1 << 32
-
-_DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
 _new = object.__new__
-
-if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
-    raise ImportError("pyvhost.virtio.split needs a little-endian host (native ring index access)")
-
-
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """The EVENT_IDX rule: notify iff ``event_idx`` lies in ``[old_idx, new_idx)`` (mod 2^16)."""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
-
-
-def split_layout(size: int, base_gpa: int, *, used_align: int = 4) -> tuple[int, int, int, int]:
-    """Place a split ring at ``base_gpa``: ``(desc_gpa, avail_gpa, used_gpa, total_bytes)``.
-
-    Uses the spec's minimum alignments (16 / 2 / 4); pass ``used_align=4096`` for the legacy layout.
-    """
-    _check_size(size)
-    if base_gpa % 16:
-        raise ValueError(f"descriptor table at {base_gpa:#x} must be 16-byte aligned")
-    desc = base_gpa
-    avail = desc + DESC_SIZE * size
-    avail_end = avail + 6 + 2 * size
-    used = (avail_end + used_align - 1) // used_align * used_align
-    end = used + 6 + 8 * size
-    return desc, avail, used, end - base_gpa
-
-
-def _check_size(size: int) -> None:
-    if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
-        raise ValueError(f"queue size {size} must be a power of 2 between 1 and {MAX_QUEUE_SIZE}")
-
-
-def _ring_view(mem: GuestMemory, what: str, gpa: int, length: int, align: int) -> memoryview:
-    if gpa % align:
-        raise ValueError(f"{what} at {gpa:#x} is not {align}-byte aligned")
-    try:
-        return mem.view(gpa, length)
-    except GuestMemoryError as exc:
-        raise GuestMemoryError(
-            f"{what} ({length:#x} bytes at {gpa:#x}) must lie within one memory region: {exc}",
-            address=gpa,
-            length=length,
-        ) from exc
 
 
 def _table_changed(queue: int) -> GuestMemoryError:
@@ -111,7 +51,7 @@ def _table_changed(queue: int) -> GuestMemoryError:
     )
 
 
-class SplitQueue:
+class SplitQueue(RingQueue):
     """Device side of a split virtqueue: pop chains the driver made available, push them back.
 
     The ring views are taken once at construction; after the memory table changes (SET_MEM_TABLE,
@@ -140,22 +80,19 @@ class SplitQueue:
         inflight: SplitInflightHooks | None = None,
         max_chain_len: int | None = None,
     ) -> None:
-        _check_size(size)
-        self.size = size
-        self.queue_index = queue_index
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._mem = mem
-        self._mask = size - 1
-        self._max_chain = size if max_chain_len is None else min(size, max_chain_len)
-        if self._max_chain < 1:
-            raise ValueError(f"max_chain_len {max_chain_len} must be at least 1")
-        self._max_indirect = min(
-            MAX_INDIRECT_DESCRIPTORS, max_chain_len or MAX_INDIRECT_DESCRIPTORS
+        check_size(size)
+        super().__init__(
+            mem,
+            size,
+            event_idx=event_idx,
+            indirect=indirect,
+            queue_index=queue_index,
+            max_chain_len=max_chain_len,
         )
-        self._desc = _ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
-        self._avail = _ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
-        used = _ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
+        self._mask = size - 1
+        self._desc = ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
+        self._avail = ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
+        used = ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
         self._used = used.cast("H")
         self._used_ring = used[4 : 4 + 8 * size]
         self._used_ring32 = self._used_ring.cast("I")
@@ -170,14 +107,11 @@ class SplitQueue:
         self._log_used = log_used
         self._used_log_gpa = used_gpa if used_log_gpa is None else used_log_gpa
         self._inflight = inflight
-        self._broken: str | None = None
         self._recover_pending = inflight is not None and inflight.begin(self._used_idx)
 
     def close(self) -> None:
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
-        self._broken = self._broken or "queue closed"
-        for view in (self._avail, self._used, self._used_ring32, self._used_ring, self._desc):
-            view.release()
+        self._release(self._avail, self._used, self._used_ring32, self._used_ring, self._desc)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -195,11 +129,6 @@ class SplitQueue:
     def inflight(self) -> SplitInflightHooks | None:
         """The inflight-tracking hooks this queue reports to, if any."""
         return self._inflight
-
-    @property
-    def broken(self) -> str | None:
-        """Why the queue stopped (the driver broke the rules), or None."""
-        return self._broken
 
     def get_base(self) -> int:
         """GET_VRING_BASE: the next available index the device would process."""
@@ -239,14 +168,6 @@ class SplitQueue:
             self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
         table = self._mem.fast_table()
         return [self._parse(head, table) for head in heads]
-
-    def _fail(self, reason: str) -> VirtqueueError:
-        self._broken = reason
-        return VirtqueueError(reason, queue=self.queue_index)
-
-    def _check_broken(self) -> None:
-        if self._broken is not None:
-            raise VirtqueueError(f"queue is broken: {self._broken}", queue=self.queue_index)
 
     def _avail_entries(self) -> int:
         """Load avail.idx, validate it, and return how many entries are ready to pop."""
@@ -414,7 +335,7 @@ class SplitQueue:
         # Small batches: one unpack per head. The one-descriptor chain is built inline here as in
         # the loop above, on purpose: a helper call per chain costs more than the rest of it.
         desc = self._desc
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         direct = self._direct_one_region
         for head in heads:
             if head < size:
@@ -464,7 +385,7 @@ class SplitQueue:
         if columns is not None:
             addrs, lens, flagss, nexts = columns
         desc = self._desc
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         size = self.size
         limit = self._max_chain
         readable: list[memoryview] = []
@@ -510,7 +431,7 @@ class SplitQueue:
             index = nxt
             if index >= size:
                 return None
-        if read_len + write_len > _U32_LIMIT:
+        if read_len + write_len > U32_LIMIT:
             return None
         c = _new(DescriptorChain)
         c.head = head
@@ -531,7 +452,7 @@ class SplitQueue:
             raise self._fail(f"available ring entry: head descriptor {head} >= queue size {size}")
         starts, sizes, views = table
         desc: memoryview | bytes = self._desc
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         addr, length, flags, nxt = unpack(desc, head << 4)
         # Fast path: one direct descriptor, the usual shape of small requests.
         if not flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT):
@@ -666,7 +587,7 @@ class SplitQueue:
                 )
             index = nxt
             addr, length, flags, nxt = unpack(desc, nxt << 4)
-        if read_len + write_len > _U32_LIMIT:
+        if read_len + write_len > U32_LIMIT:
             raise self._fail(
                 f"chain at head {head} is {read_len + write_len} bytes long, more than 2^32"
             )
@@ -681,7 +602,7 @@ class SplitQueue:
             raise VirtqueueError(
                 f"push: head {head} out of range (queue size {self.size})", queue=self.queue_index
             )
-        if not 0 <= written < _U32_LIMIT:
+        if not 0 <= written < U32_LIMIT:
             raise VirtqueueError(
                 f"push: written length {written} for head {head} does not fit in 32 bits",
                 queue=self.queue_index,
@@ -704,7 +625,7 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Put chain ``head`` in the used ring with ``written`` bytes and publish used.idx."""
-        if not (0 <= head < self.size and 0 <= written < _U32_LIMIT):
+        if not (0 <= head < self.size and 0 <= written < U32_LIMIT):
             self._check_head(head, written)
         idx = self._used_idx
         slot = idx & self._mask
@@ -829,203 +750,3 @@ class SplitQueue:
             self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
         full_barrier()
         return self._avail_entries() > 0
-
-
-class SplitDriver:
-    """Driver side of a split ring: what a guest does, so back-ends can be exercised without a VM.
-
-    Initialises the ring like a freshly reset queue; ``start_idx`` starts avail.idx and used.idx
-    elsewhere than 0 (pair it with ``SplitQueue(last_avail_idx=start_idx)`` to test wrap-around).
-    The device side is untrusted here too: a bad used element raises VirtqueueError.
-    """
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_gpa: int,
-        avail_gpa: int,
-        used_gpa: int,
-        *,
-        event_idx: bool = False,
-        start_idx: int = 0,
-        queue_index: int = 0,
-    ) -> None:
-        _check_size(size)
-        self.size = size
-        self.event_idx = event_idx
-        self.queue_index = queue_index
-        self._mem = mem
-        self._mask = size - 1
-        self._desc = _ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
-        self._avail = _ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
-        used = _ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
-        self._used = used.cast("H")
-        self._used_ring = used[4 : 4 + 8 * size]
-        self._used_event_index = 2 + size
-        self._avail_event_index = 2 + 4 * size
-        start = start_idx & 0xFFFF
-        self._desc[:] = bytes(len(self._desc))
-        self._avail[:] = memoryview(bytes(2 * len(self._avail))).cast("H")
-        self._used[:] = memoryview(bytes(2 * len(self._used))).cast("H")
-        self._avail[1] = start
-        self._used[1] = start
-        self._avail[self._used_event_index] = start
-        self._used[self._avail_event_index] = start
-        self._avail_idx = start
-        self._kicked_at = start
-        self._last_used = start
-        self._free: list[int] = list(range(size - 1, -1, -1))
-        self._owned: list[list[int] | None] = [None] * size
-        self._interrupts = True
-
-    def close(self) -> None:
-        """Release the ring views so the memory can be unmapped now (the driver is unusable)."""
-        for view in (self._avail, self._used, self._used_ring, self._desc):
-            view.release()
-
-    @property
-    def num_free(self) -> int:
-        """Descriptors not currently given to the device."""
-        return len(self._free)
-
-    @property
-    def avail_idx(self) -> int:
-        """Free-running avail index including chains added but not yet published."""
-        return self._avail_idx
-
-    @property
-    def last_used_idx(self) -> int:
-        """Free-running index of the next used element to collect."""
-        return self._last_used
-
-    def add(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        *,
-        indirect_gpa: int | None = None,
-    ) -> int:
-        """Place a chain of ``(gpa, len)`` buffers; return its head. Visible after publish().
-
-        With ``indirect_gpa`` the descriptors go to an indirect table written there (the caller
-        owns that memory, ``16 * n`` bytes) and one ring descriptor refers to it.
-        """
-        n = len(readable) + len(writable)
-        if n == 0:
-            raise ValueError("add: a chain needs at least one buffer")
-        free = self._free
-        pack = _DESC.pack_into
-        if indirect_gpa is not None:
-            if n > self.size:
-                raise ValueError(f"add: {n} buffers exceed the queue size {self.size}")
-            if not free:
-                raise VirtqueueError("add: no free descriptor", queue=self.queue_index)
-            table = bytearray(DESC_SIZE * n)
-            last_k = n - 1
-            for k, (gpa, length) in enumerate((*readable, *writable)):
-                flags = VRING_DESC_F_WRITE if k >= len(readable) else 0
-                if k < last_k:
-                    flags |= VRING_DESC_F_NEXT
-                pack(table, k << 4, gpa, length, flags, k + 1 if k < last_k else 0)
-            self._mem.write(indirect_gpa, table)
-            head = free.pop()
-            pack(self._desc, head << 4, indirect_gpa, len(table), VRING_DESC_F_INDIRECT, 0)
-            owned = [head]
-        else:
-            if n > len(free):
-                raise VirtqueueError(
-                    f"add: chain needs {n} descriptors, only {len(free)} free",
-                    queue=self.queue_index,
-                )
-            owned = [free.pop() for _ in range(n)]
-            desc = self._desc
-            k = 0
-            last_k = n - 1
-            for gpa, length in readable:
-                nxt = owned[k + 1] if k < last_k else 0
-                pack(desc, owned[k] << 4, gpa, length, VRING_DESC_F_NEXT if k < last_k else 0, nxt)
-                k += 1
-            for gpa, length in writable:
-                flags = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if k < last_k else 0)
-                pack(desc, owned[k] << 4, gpa, length, flags, owned[k + 1] if k < last_k else 0)
-                k += 1
-            head = owned[0]
-        self._owned[head] = owned
-        self._avail[2 + (self._avail_idx & self._mask)] = head
-        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        return head
-
-    def publish(self) -> None:
-        """Make every added chain visible: write barrier, then store avail.idx."""
-        if RW_BARRIERS_NEEDED:
-            write_barrier()
-        self._avail[1] = self._avail_idx
-
-    def should_kick(self) -> bool:
-        """After publish(): whether the device wants a notification (avail_event / NO_NOTIFY)."""
-        new = self._avail_idx
-        old = self._kicked_at
-        if new == old:
-            return False
-        full_barrier()
-        self._kicked_at = new
-        if self.event_idx:
-            return vring_need_event(self._used[self._avail_event_index], new, old)
-        return not self._used[0] & VRING_USED_F_NO_NOTIFY
-
-    def get_used(self) -> list[tuple[int, int]]:
-        """Collect ``(head, len)`` of every used element since the last call; free their descs."""
-        used_idx = self._used[1]
-        last = self._last_used
-        pending = (used_idx - last) & 0xFFFF
-        if pending == 0:
-            return []
-        in_flight = (self._avail_idx - last) & 0xFFFF
-        if pending > in_flight:
-            raise VirtqueueError(
-                f"used.idx {used_idx} is {pending} entries ahead of last used {last}, but only "
-                f"{in_flight} chains were made available",
-                queue=self.queue_index,
-            )
-        if RW_BARRIERS_NEEDED:
-            read_barrier()
-        out: list[tuple[int, int]] = []
-        unpack = _USED_ELEM.unpack_from
-        ring = self._used_ring
-        mask = self._mask
-        owned = self._owned
-        free = self._free
-        for _ in range(pending):
-            head, length = unpack(ring, (last & mask) << 3)
-            descs = owned[head] if head < len(owned) else None
-            if descs is None:
-                self._last_used = last
-                raise VirtqueueError(
-                    f"used element {last}: id {head} is not a chain the driver made available",
-                    queue=self.queue_index,
-                )
-            owned[head] = None
-            free.extend(descs)
-            out.append((head, length))
-            last = (last + 1) & 0xFFFF
-        self._last_used = last
-        if self.event_idx and self._interrupts:
-            self._avail[self._used_event_index] = last
-        return out
-
-    def enable_interrupts(self) -> bool:
-        """Ask for used-buffer notifications again; True if used elements are already waiting."""
-        self._interrupts = True
-        if self.event_idx:
-            self._avail[self._used_event_index] = self._last_used
-        else:
-            self._avail[0] = self._avail[0] & ~VRING_AVAIL_F_NO_INTERRUPT
-        full_barrier()
-        return self._used[1] != self._last_used
-
-    def disable_interrupts(self) -> None:
-        """Tell the device notifications are not needed (NO_INTERRUPT; EVENT_IDX: no advancing)."""
-        self._interrupts = False
-        if not self.event_idx:
-            self._avail[0] = self._avail[0] | VRING_AVAIL_F_NO_INTERRUPT

@@ -1,9 +1,4 @@
-"""The packed virtqueue (virtio 1.1+ section "Packed Virtqueues"), device side and driver side.
-
-One ring of 16-byte descriptors ``{le64 addr, le32 len, le16 id, le16 flags}`` (align 16) carries
-both directions, followed here by two 4-byte event-suppression structures ``{le16 off_wrap,
-le16 flags}`` (align 4): the driver area (written by the driver, governs used-buffer
-notifications) and the device area (written by the device, governs kicks).
+"""Device side of the packed virtqueue: take the chains a driver made available, mark them used.
 
 The driver marks a descriptor available by setting ``AVAIL`` (bit 7) to its wrap counter and
 ``USED`` (bit 15) to the inverse; the device marks one used by setting both to its own wrap
@@ -17,9 +12,7 @@ Memory ordering follows :mod:`pyvhost.virtio.barrier`, as in the split ring: who
 descriptors over writes their bodies, then a write barrier, then the flags word (the driver the
 flags of a chain's *first* descriptor, the device the flags of a batch's first used descriptor);
 whoever takes them reads the flags, then a read barrier, then the bodies; after publishing and
-before reading the other side's event-suppression structure, a full barrier. Flags words and
-event structures are loaded and stored through native ``memoryview.cast`` items (single 16- or
-32-bit accesses, no tearing), so the host must be little-endian (checked).
+before reading the other side's event-suppression structure, a full barrier.
 
 Hostile drivers: every chain is validated and bounded; a violation raises
 :class:`~pyvhost.errors.VirtqueueError` and marks the queue broken (further pops raise again).
@@ -29,146 +22,43 @@ zero-length indirect table is rejected.
 
 from __future__ import annotations
 
-import struct
-import sys
 from bisect import bisect_right
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
-from pyvhost.virtio.chain import EMPTY, MAX_INDIRECT_DESCRIPTORS, DescriptorChain
+from pyvhost.virtio.chain import EMPTY, DescriptorChain
 from pyvhost.virtio.inflight import PackedInflightHooks, PackedInflightQueue
 from pyvhost.virtio.memory import GuestMemory
+from pyvhost.virtio.packed.layout import (
+    BOTH,
+    DESC,
+    DESC_F_AVAIL,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_USED,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    EVENT_SIZE,
+    EVENT_WRAP_SHIFT,
+    FLAGS,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    USED_BODY,
+    advance,
+    check_size,
+    encode_packed_base,
+    event_crossed,
+)
+from pyvhost.virtio.ring import U32_LIMIT, RingQueue, ring_view
 
-__all__ = [
-    "DESC_F_AVAIL",
-    "DESC_F_INDIRECT",
-    "DESC_F_NEXT",
-    "DESC_F_USED",
-    "DESC_F_WRITE",
-    "RING_EVENT_FLAGS_DESC",
-    "RING_EVENT_FLAGS_DISABLE",
-    "RING_EVENT_FLAGS_ENABLE",
-    "PackedDriver",
-    "PackedInflightHooks",
-    "PackedLayout",
-    "PackedQueue",
-    "decode_packed_base",
-    "encode_packed_base",
-    "packed_layout",
-]
+__all__ = ["PackedQueue"]
 
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-DESC_F_AVAIL = 1 << 7
-DESC_F_USED = 1 << 15
-
-RING_EVENT_FLAGS_ENABLE = 0
-RING_EVENT_FLAGS_DISABLE = 1
-RING_EVENT_FLAGS_DESC = 2
-EVENT_WRAP_SHIFT = 15
-
-DESC_SIZE = 16
-EVENT_SIZE = 4
-MAX_QUEUE_SIZE = 1 << 15
-_U32_LIMIT = 1 << 32
-
-_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
-_DESC_BODY = struct.Struct("<QIH")  # addr, len, id: all but the flags
-_USED_BODY = struct.Struct("<IH")  # len, id, at offset 8 of a used descriptor
-_FLAGS = 7  # index of a descriptor's flags in the ring cast to u16
-_BOTH = DESC_F_AVAIL | DESC_F_USED
 _new = object.__new__
 
-if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
-    raise ImportError("pyvhost.virtio.packed needs a little-endian host (native flags access)")
 
-
-def _need_event(event: int, new: int, old: int) -> bool:
-    """virtio's vring_need_event: did moving from ``old`` to ``new`` pass ``event``? (mod 2^16)."""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
-def _event_crossed(off_wrap: int, size: int, wrap: bool, new: int, count: int) -> bool:
-    """Whether the ``count`` descriptors just before ring position ``new`` include ``off_wrap``.
-
-    ``off_wrap`` is a ring offset (bits 0-14) plus the wrap counter it refers to (bit 15); an
-    offset with the other wrap value lies one lap back and is moved ``size`` below zero, as in
-    Linux's ``virtqueue_kick_prepare_packed`` and QEMU's ``vring_packed_need_event``.
-    """
-    if count <= 0:
-        return False
-    if count >= size:
-        return True
-    event = off_wrap & 0x7FFF
-    if bool(off_wrap >> EVENT_WRAP_SHIFT) != wrap:
-        event -= size
-    return _need_event(event & 0xFFFF, new, (new - count) & 0xFFFF)
-
-
-def encode_packed_base(
-    last_avail_idx: int, avail_wrap: bool, used_idx: int, used_wrap: bool
-) -> int:
-    """GET_VRING_BASE value of a packed ring.
-
-    Bits 0-14 avail index, bit 15 avail wrap counter, bits 16-30 used index, bit 31 used wrap.
-    """
-    for name, value in (("last_avail_idx", last_avail_idx), ("used_idx", used_idx)):
-        if not 0 <= value <= 0x7FFF:
-            raise ValueError(f"packed vring base: {name} {value} does not fit in 15 bits")
-    return last_avail_idx | int(avail_wrap) << 15 | used_idx << 16 | int(used_wrap) << 31
-
-
-def decode_packed_base(value: int) -> tuple[int, bool, int, bool]:
-    """SET_VRING_BASE value -> ``(last_avail_idx, avail_wrap, used_idx, used_wrap)``."""
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"packed vring base {value:#x} does not fit in 32 bits")
-    return value & 0x7FFF, bool(value >> 15 & 1), value >> 16 & 0x7FFF, bool(value >> 31 & 1)
-
-
-class PackedLayout(NamedTuple):
-    """Where the three parts of a packed ring go, and how many bytes they span in all."""
-
-    desc_gpa: int
-    driver_event_gpa: int
-    device_event_gpa: int
-    size_bytes: int
-
-
-def packed_layout(size: int, base_gpa: int) -> PackedLayout:
-    """Place a packed ring at ``base_gpa`` (16-aligned): ring, then driver and device areas."""
-    if not 1 <= size <= MAX_QUEUE_SIZE:
-        raise ValueError(f"packed queue size {size} out of range (1..{MAX_QUEUE_SIZE})")
-    if base_gpa % 16:
-        raise ValueError(f"descriptor ring at {base_gpa:#x} must be 16-byte aligned")
-    driver = base_gpa + DESC_SIZE * size
-    return PackedLayout(base_gpa, driver, driver + EVENT_SIZE, DESC_SIZE * size + 2 * EVENT_SIZE)
-
-
-def _ring_view(mem: GuestMemory, what: str, gpa: int, length: int, align: int) -> memoryview:
-    if gpa % align:
-        raise ValueError(f"{what} at {gpa:#x} is not {align}-byte aligned")
-    try:
-        return mem.view(gpa, length)
-    except GuestMemoryError as exc:
-        raise GuestMemoryError(
-            f"{what} ({length:#x} bytes at {gpa:#x}) must lie within one memory region: {exc}",
-            address=gpa,
-            length=length,
-        ) from exc
-
-
-def _advance(pos: int, wrap: bool, count: int, size: int) -> tuple[int, bool]:
-    pos += count
-    while pos >= size:
-        pos -= size
-        wrap = not wrap
-    return pos, wrap
-
-
-class PackedQueue:
+class PackedQueue(RingQueue):
     """Device side of a packed virtqueue; a :class:`~pyvhost.virtio.queue.DeviceQueue`.
 
     The ``head`` of the chains it returns, and that :meth:`push` takes, is the buffer id. Ring
@@ -198,27 +88,23 @@ class PackedQueue:
         inflight: PackedInflightHooks | None = None,
         max_chain_len: int | None = None,
     ) -> None:
-        if not 1 <= size <= MAX_QUEUE_SIZE:
-            raise ValueError(f"packed queue size {size} out of range (1..{MAX_QUEUE_SIZE})")
+        check_size(size)
         for name, value in (("last_avail_idx", last_avail_idx), ("used_idx", used_idx)):
             if not 0 <= value < size:
                 raise ValueError(f"{name} {value} out of range (queue size {size})")
-        self.size = size
-        self.queue_index = queue_index
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._mem = mem
-        self._max_chain = size if max_chain_len is None else min(size, max_chain_len)
-        if self._max_chain < 1:
-            raise ValueError(f"max_chain_len {max_chain_len} must be at least 1")
-        self._max_indirect = min(
-            MAX_INDIRECT_DESCRIPTORS, max_chain_len or MAX_INDIRECT_DESCRIPTORS
+        super().__init__(
+            mem,
+            size,
+            event_idx=event_idx,
+            indirect=indirect,
+            queue_index=queue_index,
+            max_chain_len=max_chain_len,
         )
-        self._ring = _ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
+        self._ring = ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
         self._ring16 = self._ring.cast("H")
-        self._driver_event = _ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
+        self._driver_event = ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
         self._driver_event32 = self._driver_event.cast("I")
-        device_event = _ring_view(mem, "device area", device_event_gpa, EVENT_SIZE, 4)
+        device_event = ring_view(mem, "device area", device_event_gpa, EVENT_SIZE, 4)
         self._device_event16 = device_event.cast("H")
         self._device_event32 = device_event.cast("I")
         self._device_event_gpa = device_event_gpa
@@ -234,21 +120,18 @@ class PackedQueue:
         self._notify_enabled = True
         self._used_since_signal = 0
         self._signalled_valid = False
-        self._broken: str | None = None
         self._recover_pending = inflight is not None and inflight.begin(used_idx, bool(used_wrap))
 
     def close(self) -> None:
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
-        self._broken = self._broken or "queue closed"
-        for view in (
+        self._release(
             self._ring16,
             self._ring,
             self._driver_event32,
             self._driver_event,
             self._device_event16,
             self._device_event32,
-        ):
-            view.release()
+        )
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -282,30 +165,17 @@ class PackedQueue:
         """The inflight-tracking hooks this queue reports to, if any."""
         return self._inflight
 
-    @property
-    def broken(self) -> str | None:
-        """Why the queue stopped (the driver broke the rules), or None."""
-        return self._broken
-
     def get_base(self) -> int:
         """GET_VRING_BASE: both positions and wrap counters (see :func:`encode_packed_base`)."""
         return encode_packed_base(self._avail, self._avail_wrap, self._used, self._used_wrap)
-
-    def _fail(self, reason: str) -> VirtqueueError:
-        self._broken = reason
-        return VirtqueueError(reason, queue=self.queue_index)
-
-    def _check_broken(self) -> None:
-        if self._broken is not None:
-            raise VirtqueueError(f"queue is broken: {self._broken}", queue=self.queue_index)
 
     # -- pop ------------------------------------------------------------------------------------
 
     def has_available(self) -> bool:
         """Whether the driver made the descriptor at :attr:`last_avail_idx` available."""
         self._check_broken()
-        flags = self._ring16[(self._avail << 3) + _FLAGS]
-        return (flags & _BOTH) == (DESC_F_AVAIL if self._avail_wrap else DESC_F_USED)
+        flags = self._ring16[(self._avail << 3) + FLAGS]
+        return (flags & BOTH) == (DESC_F_AVAIL if self._avail_wrap else DESC_F_USED)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None."""
@@ -313,13 +183,13 @@ class PackedQueue:
         pos = self._avail
         wrap = self._avail_wrap
         expect = DESC_F_AVAIL if wrap else DESC_F_USED
-        if (self._ring16[(pos << 3) + _FLAGS] & _BOTH) != expect:
+        if (self._ring16[(pos << 3) + FLAGS] & BOTH) != expect:
             return None
         if RW_BARRIERS_NEEDED:
             read_barrier()  # the descriptor body only after its flags said "available"
         ring = self._ring
         size = self.size
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         desc = unpack(ring, pos << 4)
         if not desc[3] & (DESC_F_NEXT | DESC_F_INDIRECT):
             descs = [desc]
@@ -349,7 +219,7 @@ class PackedQueue:
                         f"{self._max_chain} descriptors (queue size {size})"
                     )
                 desc = unpack(ring, pos << 4)
-                if (desc[3] & _BOTH) != expect:
+                if (desc[3] & BOTH) != expect:
                     raise self._fail(
                         f"chain at ring position {self._avail}: descriptor {pos} follows a NEXT "
                         "flag but is not marked available"
@@ -397,7 +267,7 @@ class PackedQueue:
         base, extent, view = starts[0], sizes[0], views[0]
         ring = self._ring
         ring16 = self._ring16
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         outstanding = self._outstanding
         inflight = self._inflight
         size = self.size
@@ -410,8 +280,8 @@ class PackedQueue:
         taken = 0
         try:
             while len(out) < max_n:
-                first = ring16[(pos << 3) + _FLAGS]
-                if (first & _BOTH) != (DESC_F_AVAIL if wrap else DESC_F_USED):
+                first = ring16[(pos << 3) + FLAGS]
+                if (first & BOTH) != (DESC_F_AVAIL if wrap else DESC_F_USED):
                     break
                 simple = not first & (DESC_F_NEXT | DESC_F_INDIRECT)
                 if simple:  # one descriptor: read it; a longer chain is left to pop()
@@ -511,10 +381,10 @@ class PackedQueue:
         if self._outstanding:
             raise ValueError(f"queue {self.queue_index}: recover_inflight with chains in flight")
         ring16 = self._ring16
-        entries = tracker.recover(lambda i: ring16[(i << 3) + _FLAGS])
+        entries = tracker.recover(lambda i: ring16[(i << 3) + FLAGS])
         self._used, self._used_wrap = tracker.used_idx, tracker.used_wrap
         held = sum(len(e.descriptors) for e in entries)
-        self._avail, self._avail_wrap = _advance(self._used, self._used_wrap, held, self.size)
+        self._avail, self._avail_wrap = advance(self._used, self._used_wrap, held, self.size)
         self._signalled_valid = False
         return [self.resubmit(e.descriptors) for e in entries]
 
@@ -595,7 +465,7 @@ class PackedQueue:
             else:
                 readable.extend(mapped)
                 read_len += length
-        if read_len + write_len > _U32_LIMIT:
+        if read_len + write_len > U32_LIMIT:
             raise self._fail(f"{where}: {read_len + write_len} bytes long, more than 2^32")
         chain = DescriptorChain(
             buf_id, readable, writable, read_len, write_len, writable_gpas, len(descs)
@@ -625,7 +495,7 @@ class PackedQueue:
             table = self._mem.read(addr, length)
         except GuestMemoryError as exc:
             raise self._fail(f"{where}: indirect table: {exc}") from exc
-        return list(_DESC.iter_unpack(table))
+        return list(DESC.iter_unpack(table))
 
     # -- push -----------------------------------------------------------------------------------
 
@@ -639,7 +509,7 @@ class PackedQueue:
                     + (" (given twice in one batch)" if head in seen else ""),
                     queue=self.queue_index,
                 )
-            if not 0 <= written < _U32_LIMIT:
+            if not 0 <= written < U32_LIMIT:
                 raise VirtqueueError(
                     f"push: written length {written} for buffer id {head} does not fit in 32 bits",
                     queue=self.queue_index,
@@ -653,7 +523,7 @@ class PackedQueue:
             entry is None
             or self._inflight is not None
             or self._log_used
-            or not 0 <= written < _U32_LIMIT
+            or not 0 <= written < U32_LIMIT
         ):
             self.push_batch(((head, written),))
             return
@@ -663,12 +533,10 @@ class PackedQueue:
             self._mem.log_pieces(pieces, written)
         used = self._used
         wrap = self._used_wrap
-        _USED_BODY.pack_into(self._ring, (used << 4) + 8, written, head)
+        USED_BODY.pack_into(self._ring, (used << 4) + 8, written, head)
         if RW_BARRIERS_NEEDED:
             write_barrier()
-        self._ring16[(used << 3) + _FLAGS] = (_BOTH if wrap else 0) | (
-            DESC_F_WRITE if written else 0
-        )
+        self._ring16[(used << 3) + FLAGS] = (BOTH if wrap else 0) | (DESC_F_WRITE if written else 0)
         used += count
         if used >= self.size:
             used -= self.size
@@ -695,20 +563,20 @@ class PackedQueue:
         size = self.size
         inflight = self._inflight
         if inflight is not None:
-            end, end_wrap = _advance(self._used, self._used_wrap, sum(counts), size)
+            end, end_wrap = advance(self._used, self._used_wrap, sum(counts), size)
             inflight.before_publish([h for h, _ in items], end, end_wrap)
         ring = self._ring
         ring16 = self._ring16
-        pack = _USED_BODY.pack_into
+        pack = USED_BODY.pack_into
         used, wrap = self._used, self._used_wrap
         first = used
         first_flags = 0
         logged: list[int] = []
         for k, ((head, written), count) in enumerate(zip(items, counts, strict=True)):
             pack(ring, (used << 4) + 8, written, head)
-            flags = (_BOTH if wrap else 0) | (DESC_F_WRITE if written else 0)
+            flags = (BOTH if wrap else 0) | (DESC_F_WRITE if written else 0)
             if k:
-                ring16[(used << 3) + _FLAGS] = flags
+                ring16[(used << 3) + FLAGS] = flags
             else:
                 first_flags = flags
             if self._log_used:
@@ -719,7 +587,7 @@ class PackedQueue:
                 wrap = not wrap
         if RW_BARRIERS_NEEDED:
             write_barrier()  # every entry of the batch is complete before the first is handed over
-        ring16[(first << 3) + _FLAGS] = first_flags
+        ring16[(first << 3) + FLAGS] = first_flags
         self._used, self._used_wrap = used, wrap
         self._used_since_signal += sum(counts)
         if inflight is not None:
@@ -743,7 +611,7 @@ class PackedQueue:
             return False
         if not self.event_idx or flags != RING_EVENT_FLAGS_DESC or not valid:
             return True
-        return _event_crossed(event & 0xFFFF, self.size, self._used_wrap, self._used, count)
+        return event_crossed(event & 0xFFFF, self.size, self._used_wrap, self._used, count)
 
     def _set_device_event(self, off_wrap: int, flags: int) -> None:
         self._device_event32[0] = off_wrap | flags << 16
@@ -774,202 +642,3 @@ class PackedQueue:
                 self._mem.log_write(self._device_event_gpa + 2, 2)
         full_barrier()  # the driver sees kicks enabled before we look at the ring again
         return self.has_available()
-
-
-class PackedDriver:
-    """Driver side of a packed ring: what a guest does, so back-ends can be exercised without a VM.
-
-    Initialises the ring and both event areas to zero like a freshly reset queue. The device side
-    is untrusted here too: a used descriptor naming a buffer not in flight raises VirtqueueError.
-    """
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        size: int,
-        desc_gpa: int,
-        driver_event_gpa: int,
-        device_event_gpa: int,
-        *,
-        event_idx: bool = False,
-        queue_index: int = 0,
-    ) -> None:
-        if not 1 <= size <= MAX_QUEUE_SIZE:
-            raise ValueError(f"packed queue size {size} out of range (1..{MAX_QUEUE_SIZE})")
-        self.size = size
-        self.event_idx = event_idx
-        self.queue_index = queue_index
-        self._mem = mem
-        self._ring = _ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
-        self._ring16 = self._ring.cast("H")
-        driver_event = _ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
-        self._driver_event16 = driver_event.cast("H")
-        self._driver_event32 = driver_event.cast("I")
-        self._device_event32 = _ring_view(mem, "device area", device_event_gpa, EVENT_SIZE, 4).cast(
-            "I"
-        )
-        self._ring[:] = bytes(DESC_SIZE * size)
-        self._driver_event32[0] = 0
-        self._device_event32[0] = 0
-        self._next_avail = 0
-        self._avail_wrap = True
-        self._next_used = 0
-        self._used_wrap = True
-        self._free_ids = list(range(size - 1, -1, -1))
-        self._id_count: dict[int, int] = {}
-        self.num_free = size
-        self._held: list[tuple[int, int]] = []  # (ring position, flags) of unpublished heads
-        self._held_count = 0
-        self._num_added = 0
-        self._interrupts = True
-
-    def close(self) -> None:
-        """Release the ring views so the memory can be unmapped now (the driver is unusable)."""
-        for view in (
-            self._ring16,
-            self._ring,
-            self._driver_event16,
-            self._driver_event32,
-            self._device_event32,
-        ):
-            view.release()
-
-    @property
-    def next_avail(self) -> int:
-        """Ring position where the next added descriptor goes."""
-        return self._next_avail
-
-    @property
-    def next_used(self) -> int:
-        """Ring position of the next used descriptor to collect."""
-        return self._next_used
-
-    def add(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]],
-        *,
-        indirect_gpa: int | None = None,
-    ) -> int:
-        """Place a buffer of ``(gpa, len)`` elements; return its id. Visible after :meth:`publish`.
-
-        With ``indirect_gpa`` the elements go to an indirect table written there (the caller owns
-        that memory, ``16 * n`` bytes) and one ring descriptor refers to it.
-        """
-        elements = [(a, n, 0) for a, n in readable] + [(a, n, DESC_F_WRITE) for a, n in writable]
-        if not elements:
-            raise ValueError("add: a buffer needs at least one element")
-        if len(elements) > self.size:
-            raise ValueError(f"add: {len(elements)} elements exceed the queue size {self.size}")
-        if indirect_gpa is not None:
-            table = b"".join(_DESC.pack(a, n, 0, f) for a, n, f in elements)
-            ring_elements = [(indirect_gpa, len(table), DESC_F_INDIRECT)]
-        else:
-            ring_elements = elements
-        count = len(ring_elements)
-        if count > self.num_free:
-            raise VirtqueueError(
-                f"add: buffer needs {count} descriptors, only {self.num_free} free",
-                queue=self.queue_index,
-            )
-        if indirect_gpa is not None:
-            self._mem.write(indirect_gpa, table)
-        buf_id = self._free_ids.pop()
-        ring = self._ring
-        head_pos = self._next_avail
-        head_flags = 0
-        pos, wrap = head_pos, self._avail_wrap
-        for k, (addr, length, kind) in enumerate(ring_elements):
-            flags = kind | (DESC_F_AVAIL if wrap else DESC_F_USED)
-            if k < count - 1:
-                flags |= DESC_F_NEXT
-            if k == 0:
-                _DESC_BODY.pack_into(ring, pos << 4, addr, length, buf_id)
-                head_flags = flags
-            else:
-                _DESC.pack_into(ring, pos << 4, addr, length, buf_id, flags)
-            pos += 1
-            if pos == self.size:
-                pos = 0
-                wrap = not wrap
-        self._next_avail, self._avail_wrap = pos, wrap
-        self._held.append((head_pos, head_flags))
-        self._held_count += count
-        self._id_count[buf_id] = count
-        self.num_free -= count
-        return buf_id
-
-    def publish(self) -> None:
-        """Hand every added buffer to the device: write barrier, then the head flags (last first)"""
-        if RW_BARRIERS_NEEDED:
-            write_barrier()
-        ring16 = self._ring16
-        for pos, flags in reversed(self._held):
-            ring16[(pos << 3) + _FLAGS] = flags
-        self._held.clear()
-        self._num_added += self._held_count
-        self._held_count = 0
-
-    def should_kick(self) -> bool:
-        """After :meth:`publish`: whether the device area asks for a notification."""
-        added, self._num_added = self._num_added, 0
-        if added == 0:
-            return False
-        full_barrier()
-        event = self._device_event32[0]
-        flags = event >> 16
-        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
-            return flags != RING_EVENT_FLAGS_DISABLE
-        return _event_crossed(event & 0xFFFF, self.size, self._avail_wrap, self._next_avail, added)
-
-    def has_used(self) -> bool:
-        """Whether the device marked the descriptor at :attr:`next_used` used."""
-        flags = self._ring16[(self._next_used << 3) + _FLAGS]
-        return (flags & _BOTH) == (_BOTH if self._used_wrap else 0)
-
-    def get_used(self) -> list[tuple[int, int]]:
-        """Collect ``(id, written_len)`` of every used buffer, in the device's order."""
-        out: list[tuple[int, int]] = []
-        ring = self._ring
-        while self.has_used():
-            if RW_BARRIERS_NEEDED:
-                read_barrier()
-            _, length, buf_id, flags = _DESC.unpack_from(ring, self._next_used << 4)
-            count = self._id_count.pop(buf_id, None)
-            if count is None:
-                raise VirtqueueError(
-                    f"used descriptor {self._next_used}: id {buf_id} is not a buffer in flight",
-                    queue=self.queue_index,
-                )
-            out.append((buf_id, length if flags & DESC_F_WRITE else 0))
-            self._next_used, self._used_wrap = _advance(
-                self._next_used, self._used_wrap, count, self.size
-            )
-            self._free_ids.append(buf_id)
-            self.num_free += count
-        if out and self.event_idx and self._interrupts:
-            self._set_interrupt_event()
-        return out
-
-    def _set_interrupt_event(self) -> None:
-        off_wrap = self._next_used | self._used_wrap << EVENT_WRAP_SHIFT
-        self._driver_event32[0] = off_wrap | RING_EVENT_FLAGS_DESC << 16
-
-    def enable_interrupts(self) -> bool:
-        """Ask for used-buffer notifications; True if used buffers are already waiting.
-
-        With EVENT_IDX: for the descriptor at :attr:`next_used` (flags DESC), moved forward by
-        :meth:`get_used` while interrupts are enabled.
-        """
-        self._interrupts = True
-        if self.event_idx:
-            self._set_interrupt_event()
-        else:
-            self._driver_event16[1] = RING_EVENT_FLAGS_ENABLE
-        full_barrier()
-        return self.has_used()
-
-    def disable_interrupts(self) -> None:
-        """Tell the device notifications are not needed (driver area flags DISABLE)."""
-        self._interrupts = False
-        self._driver_event16[1] = RING_EVENT_FLAGS_DISABLE
