@@ -142,7 +142,7 @@ class ResumedQueue:
     def in_flight(self) -> int:
         return self.inner.in_flight
 
-    def resume_inflight(self) -> list[DescriptorChain]:
+    def recover_inflight(self) -> list[DescriptorChain]:
         return []
 
 
@@ -370,7 +370,7 @@ class EventLoop:
         key = (id(device), index)
         self.remove_queue(device, index)
         try:
-            recovered = queue.resume_inflight()
+            recovered = queue.recover_inflight()
         except (VirtqueueError, GuestMemoryError, InflightError) as exc:
             log.error("queue %d: inflight recovery failed: %s", index, exc)
             recovered = []

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
 from pyvhost.virtio.chain import EMPTY, DescriptorChain
-from pyvhost.virtio.inflight import PackedInflightHooks, PackedInflightQueue
+from pyvhost.virtio.inflight import PackedInflightHooks
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.packed.layout import (
     BOTH,
@@ -356,28 +356,19 @@ class PackedQueue(RingQueue):
         self._outstanding[chain.head] = (len(descriptors), writable_gpas)
         return chain
 
-    def resume_inflight(self) -> list[DescriptorChain]:
-        """At start: chains to redo first if the inflight region holds a previous back-end's.
+    def recover_inflight(self) -> list[DescriptorChain]:
+        """At start: the chains a previous back-end took and never completed, in pop order.
 
         Only once per region, and only for a region that was in use (version 1): then the ring
         position always comes from the region (after a crash no index in guest memory tells it,
-        as DPDK does). A fresh region was initialised at this queue's position when it was built.
-        """
-        if not self._recover_pending:
-            return []
-        self._recover_pending = False
-        return self.recover_inflight()
-
-    def recover_inflight(self) -> list[DescriptorChain]:
-        """After a reconnect: run the inflight recovery and return the chains to redo, in pop order.
-
-        Needs ``inflight`` to be a :class:`~pyvhost.virtio.inflight.PackedInflightQueue` over the
-        adopted region. The used position and wrap counter are taken from the region, the avail
-        position placed past the descriptors still in flight (the constructor's are overridden).
+        as DPDK does): the used position and wrap counter are the region's, the avail position is
+        placed past the descriptors still in flight. A fresh region was initialised at this
+        queue's position when it was built.
         """
         tracker = self._inflight
-        if not isinstance(tracker, PackedInflightQueue):
-            raise TypeError("recover_inflight needs a PackedInflightQueue as the queue's inflight")
+        if tracker is None or not self._recover_pending:
+            return []
+        self._recover_pending = False
         if self._outstanding:
             raise ValueError(f"queue {self.queue_index}: recover_inflight with chains in flight")
         ring16 = self._ring16

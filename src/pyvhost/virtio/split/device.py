@@ -140,31 +140,19 @@ class SplitQueue(RingQueue):
         return (self._last_avail - self._used_idx) & 0xFFFF
 
     def recover_inflight(self) -> list[DescriptorChain]:
-        """After a reconnect: the chains a previous back-end popped and never completed, in order.
-
-        Needs the queue's ``inflight`` hooks over the adopted region. As libvhost-user does, the
-        queue then resumes at ``used.idx + len(chains)`` (the front-end set the base to used.idx).
-        """
-        return self._recover(reposition=True)
-
-    def resume_inflight(self) -> list[DescriptorChain]:
-        """At start: chains to redo first if the inflight region holds a previous back-end's.
+        """At start: the chains a previous back-end popped and never completed, in pop order.
 
         Only once per region, and only for a region that was in use (version 1): a fresh region
-        was initialised at this queue's position when it was built. When nothing is in flight
-        the position SET_VRING_BASE gave stands.
+        was initialised at this queue's position when it was built. As libvhost-user does, the
+        queue then resumes at ``used.idx + len(chains)``; when nothing is in flight the position
+        SET_VRING_BASE gave stands.
         """
-        if not self._recover_pending:
+        tracker = self._inflight
+        if tracker is None or not self._recover_pending:
             return []
         self._recover_pending = False
-        return self._recover(reposition=False)
-
-    def _recover(self, *, reposition: bool) -> list[DescriptorChain]:
-        tracker = self._inflight
-        if tracker is None:
-            raise TypeError(f"queue {self.queue_index}: recover_inflight needs inflight hooks")
         heads = tracker.recover(self._used_idx)
-        if heads or reposition:
+        if heads:
             self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
         table = self._mem.fast_table()
         return [self._parse(head, table) for head in heads]
