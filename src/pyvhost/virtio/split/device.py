@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from array import array
-from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import chain as chain_items
 
@@ -25,7 +24,15 @@ from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrie
 from pyvhost.virtio.chain import EMPTY, DescriptorChain
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.queue import SplitInflightHooks
-from pyvhost.virtio.ring import U32_LIMIT, RingQueue, ring_view
+from pyvhost.virtio.ring import (
+    U32_LIMIT,
+    ChainParts,
+    FastTable,
+    RingQueue,
+    map_buffer,
+    ring_view,
+    single_chain,
+)
 from pyvhost.virtio.split.layout import (
     DESC,
     DESC_SIZE,
@@ -43,6 +50,15 @@ __all__ = ["SplitQueue"]
 log = logging.getLogger(__name__)
 
 _new = object.__new__
+
+
+_Columns = tuple[list[int], list[int], list[int], list[int]]
+_NO_COLUMNS: _Columns = ([], [], [], [])
+
+
+def _where(in_indirect: bool, index: int, head: int) -> str:
+    """How errors name a descriptor: its table, its index, the chain it belongs to."""
+    return f"{'indirect descriptor' if in_indirect else 'descriptor'} {index} (chain head {head})"
 
 
 def _table_changed(queue: int) -> GuestMemoryError:
@@ -200,10 +216,10 @@ class SplitQueue(RingQueue):
     def pop_batch(self, max_n: int) -> list[DescriptorChain]:
         """Up to ``max_n`` available chains.
 
-        The hot path: heads are read with one slice of the available ring, and chains of one
-        direct descriptor inside one region are built inline; anything else goes to ``_parse``.
-        Chains taken before a malformed one are returned (they are in flight and must be
-        completed); the queue is then broken and the next pop raises the error.
+        The hot path: heads are read with one slice of the available ring, and chains of direct
+        descriptors inside one region are built by :meth:`_pop_single_region`; anything else goes
+        to ``_parse``. Chains taken before a malformed one are returned (they are in flight and
+        must be completed); the queue is then broken and the next pop raises the error.
         """
         if self._broken is not None:
             self._check_broken()
@@ -214,14 +230,7 @@ class SplitQueue(RingQueue):
         n = ready if ready < max_n else max_n
         if n <= 0:
             return []
-        avail = self._avail
-        start = 2 + (last & self._mask)
-        end = start + n
-        limit = 2 + self.size
-        if end <= limit:
-            heads = avail[start:end].tolist()
-        else:
-            heads = avail[start:limit].tolist() + avail[2 : end - limit + 2].tolist()
+        heads = self._avail_heads(last, n)
         table = self._mem.fast_table()
         out: list[DescriptorChain] = []
         try:
@@ -237,17 +246,31 @@ class SplitQueue(RingQueue):
             if not out:
                 raise
         finally:
-            last = (last + len(out)) & 0xFFFF
-            self._last_avail = last
-            inflight = self._inflight
-            if inflight is not None:
-                for head in heads[: len(out)]:
-                    inflight.on_pop(head)
+            self._taken(heads, len(out))
         if self.event_idx and self._notify_enabled:
-            self._set_avail_event(last)
+            self._set_avail_event(self._last_avail)
         return out
 
-    def _descriptor_columns(self) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _avail_heads(self, last: int, n: int) -> list[int]:
+        """The ``n`` heads of the available ring from free-running index ``last`` (one slice, two
+        where the ring wraps)."""
+        avail = self._avail
+        start = 2 + (last & self._mask)
+        end = start + n
+        limit = 2 + self.size
+        if end <= limit:
+            return avail[start:end].tolist()
+        return avail[start:limit].tolist() + avail[2 : end - limit + 2].tolist()
+
+    def _taken(self, heads: list[int], n: int) -> None:
+        """The first ``n`` of ``heads`` were popped: move last_avail_idx, tell inflight tracking."""
+        self._last_avail = (self._last_avail + n) & 0xFFFF
+        inflight = self._inflight
+        if inflight is not None:
+            for head in heads[:n]:
+                inflight.on_pop(head)
+
+    def _descriptor_columns(self) -> _Columns:
         """The whole descriptor table as four lists: addr, len, flags, next (one read each).
 
         Cheaper than one struct unpack per descriptor once a batch covers a good part of the
@@ -261,11 +284,8 @@ class SplitQueue(RingQueue):
             desc.cast("H")[7::8].tolist(),
         )
 
-    def _pop_single_region(
-        self,
-        heads: list[int],
-        table: tuple[list[int], list[int], list[memoryview]],
-        out: list[DescriptorChain],
+    def _pop_single_region(  # noqa: C901, PLR0912, PLR0915  (inlined hot path; see docstring)
+        self, heads: list[int], table: FastTable, out: list[DescriptorChain]
     ) -> None:
         """Append the chains of ``heads`` to ``out``, one-region memory (the common case).
 
@@ -273,13 +293,17 @@ class SplitQueue(RingQueue):
         descriptors come from one read of the whole table when the batch is large (else one
         unpack each), chains are filled into a bare instance (no ``__init__`` call), and the
         absent side of a one-descriptor chain is the shared :data:`EMPTY` list. Anything but
-        direct descriptors inside the region goes to ``_parse``.
+        direct descriptors inside the region goes to ``_parse``. The one-descriptor chain is
+        built inline in both loops on purpose: a helper call per chain costs more than the rest
+        of it, and one loop for both reads costs more in garbage collection (measured).
+        ``tests/virtio/test_split_fastpath.py`` holds this path to ``_parse``'s results.
         """
         base = table[0][0]
         extent = table[1][0]
         view = table[2][0]
         size = self.size
         parse = self._parse
+        direct = self._direct_one_region
         cls = DescriptorChain
         new = _new
         empty = EMPTY
@@ -287,7 +311,6 @@ class SplitQueue(RingQueue):
         if len(heads) * 8 >= size:
             columns = self._descriptor_columns()
             addrs, lens, flagss, _ = columns
-            direct = self._direct_one_region
             for head in heads:
                 if head < size:
                     flags = flagss[head]
@@ -320,11 +343,8 @@ class SplitQueue(RingQueue):
                             continue
                 append(parse(head, table))
             return
-        # Small batches: one unpack per head. The one-descriptor chain is built inline here as in
-        # the loop above, on purpose: a helper call per chain costs more than the rest of it.
         desc = self._desc
         unpack = DESC.unpack_from
-        direct = self._direct_one_region
         for head in heads:
             if head < size:
                 addr, length, flags, _ = unpack(desc, head << 4)
@@ -361,17 +381,16 @@ class SplitQueue(RingQueue):
         base: int,
         extent: int,
         view: memoryview,
-        columns: tuple[list[int], list[int], list[int], list[int]] | None,
+        columns: _Columns | None,
     ) -> DescriptorChain | None:
         """The chain at ``head`` if it is direct descriptors within the one region, else None.
 
         Reads the ``columns`` of :meth:`_descriptor_columns`, or the table itself when None.
         Never raises for a bad chain: anything unusual (indirect, outside the region, a loop,
         readable after writable, too long) returns None and ``_parse`` walks the chain again,
-        raising the precise error.
+        raising the precise error. (A ``while`` loop: a ``range`` per chain costs more.)
         """
-        if columns is not None:
-            addrs, lens, flagss, nexts = columns
+        addrs, lens, flagss, nexts = columns or _NO_COLUMNS
         desc = self._desc
         unpack = DESC.unpack_from
         size = self.size
@@ -381,12 +400,9 @@ class SplitQueue(RingQueue):
         gpas: list[tuple[int, int]] = []
         read_len = write_len = 0
         seen_write = False
-        count = 0
+        count = 1
         index = head
         while True:
-            count += 1
-            if count > limit:
-                return None
             if columns is None:
                 addr, length, flags, nxt = unpack(desc, index << 4)
             else:
@@ -394,92 +410,78 @@ class SplitQueue(RingQueue):
                 length = lens[index]
                 flags = flagss[index]
                 nxt = nexts[index]
-            if flags & VRING_DESC_F_INDIRECT:
+            off = addr - base
+            if flags & VRING_DESC_F_INDIRECT or (length and (off < 0 or off + length > extent)):
                 return None
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
                 if length:
-                    off = addr - base
-                    if off < 0 or off + length > extent:
-                        return None
                     writable.append(view[off : off + length])
                     gpas.append((addr, length))
                     write_len += length
-            else:
-                if seen_write:
-                    return None
-                if length:
-                    off = addr - base
-                    if off < 0 or off + length > extent:
-                        return None
-                    readable.append(view[off : off + length])
-                    read_len += length
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            index = nxt
-            if index >= size:
+            elif seen_write:
                 return None
-        if read_len + write_len > U32_LIMIT:
-            return None
-        c = _new(DescriptorChain)
-        c.head = head
-        c.readable = readable
-        c.writable = writable
-        c.read_len = read_len
-        c.write_len = write_len
-        c.writable_gpas = gpas
-        c.desc_count = count
-        return c
+            elif length:
+                readable.append(view[off : off + length])
+                read_len += length
+            if not flags & VRING_DESC_F_NEXT:
+                c = _new(DescriptorChain)
+                c.head = head
+                c.readable = readable
+                c.writable = writable
+                c.read_len = read_len
+                c.write_len = write_len
+                c.writable_gpas = gpas
+                c.desc_count = count
+                return c if read_len + write_len <= U32_LIMIT else None
+            index = nxt
+            count += 1
+            if index >= size or count > limit:
+                return None
 
-    def _parse(
-        self, head: int, table: tuple[list[int], list[int], list[memoryview]]
-    ) -> DescriptorChain:
+    def _parse(self, head: int, table: FastTable) -> DescriptorChain:
         """Walk and validate the chain starting at descriptor ``head``."""
         size = self.size
         if head >= size:
             raise self._fail(f"available ring entry: head descriptor {head} >= queue size {size}")
-        starts, sizes, views = table
-        desc: memoryview | bytes = self._desc
-        unpack = DESC.unpack_from
-        addr, length, flags, nxt = unpack(desc, head << 4)
-        # Fast path: one direct descriptor, the usual shape of small requests.
+        addr, length, flags, _ = DESC.unpack_from(self._desc, head << 4)
+        chain = None
         if not flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT):
-            r = bisect_right(starts, addr) - 1
-            if r >= 0:
-                off = addr - starts[r]
-                if off + length <= sizes[r] and length:
-                    c = _new(DescriptorChain)
-                    c.head = head
-                    if flags & VRING_DESC_F_WRITE:
-                        c.readable = EMPTY
-                        c.writable = [views[r][off : off + length]]
-                        c.read_len = 0
-                        c.write_len = length
-                        c.writable_gpas = [(addr, length)]
-                    else:
-                        c.readable = [views[r][off : off + length]]
-                        c.writable = EMPTY
-                        c.read_len = length
-                        c.write_len = 0
-                        c.writable_gpas = EMPTY
-                    c.desc_count = 1
-                    return c
-        elif len(starts) == 1 and not flags & VRING_DESC_F_INDIRECT:
-            chain = self._direct_one_region(head, starts[0], sizes[0], views[0], None)
-            if chain is not None:
-                return chain
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        writable_gpas: list[tuple[int, int]] = []
-        read_len = write_len = 0
-        table_len = size
-        max_chain = self._max_chain
-        where = "descriptor"
-        index = head
-        count = 0  # descriptors walked in the current table (ring or indirect)
-        ring_count = 0
-        in_indirect = False
-        seen_write = False
+            chain = single_chain(table, head, addr, length, flags)
+        elif len(table[0]) == 1 and not flags & VRING_DESC_F_INDIRECT:
+            chain = self._direct_one_region(head, table[0][0], table[1][0], table[2][0], None)
+        return chain if chain is not None else self._walk(head, table)
+
+    def _walk(self, head: int, table: FastTable) -> DescriptorChain:
+        """The full walk: every descriptor checked, the first fault named precisely."""
+        parts = ChainParts()
+        ring_count, indirect = self._walk_table(parts, head, self._desc, head, table)
+        if indirect is not None:
+            index, addr, length, flags = indirect
+            entries = self._indirect_table(_where(False, index, head), addr, length, flags)
+            _, nested = self._walk_table(parts, head, entries, 0, table)
+            if nested is not None:
+                raise self._fail(
+                    f"{_where(True, nested[0], head)}: INDIRECT inside an indirect table"
+                )
+        if parts.total > U32_LIMIT:
+            raise self._fail(f"chain at head {head} is {parts.total} bytes long, more than 2^32")
+        return parts.chain(head, ring_count)
+
+    def _walk_table(
+        self,
+        parts: ChainParts,
+        head: int,
+        desc: memoryview | bytes,
+        index: int,
+        table: FastTable,
+    ) -> tuple[int, tuple[int, int, int, int] | None]:
+        """Follow NEXT from ``index`` in the ring (``desc`` is the descriptor table) or in an
+        indirect table; ``(descriptors walked, (index, addr, len, flags) of an INDIRECT one)``."""
+        in_indirect = desc is not self._desc
+        table_len = len(desc) // DESC_SIZE if in_indirect else self.size
+        limit = self._max_indirect if in_indirect else self._max_chain
+        count = 0
         while True:
             count += 1
             if count > table_len:
@@ -487,101 +489,49 @@ class SplitQueue(RingQueue):
                     f"chain at head {head} loops (more than {table_len} descriptors in the "
                     f"{'indirect table' if in_indirect else 'descriptor table'})"
                 )
-            if count > max_chain:
+            if count > limit:
                 raise self._fail(
-                    f"chain at head {head} is longer than the limit of {max_chain} descriptors"
+                    f"chain at head {head} is longer than the limit of {limit} descriptors"
                 )
-            if not in_indirect:
-                ring_count += 1
+            addr, length, flags, nxt = DESC.unpack_from(desc, index << 4)
             if flags & VRING_DESC_F_INDIRECT:
-                if in_indirect:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): INDIRECT inside an indirect table"
-                    )
-                if not self.indirect:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): INDIRECT flag but "
-                        "VIRTIO_F_INDIRECT_DESC was not negotiated"
-                    )
-                if flags & VRING_DESC_F_NEXT:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): INDIRECT together with NEXT"
-                    )
-                if length == 0 or length % DESC_SIZE:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): indirect table length {length} "
-                        "is not a positive multiple of 16"
-                    )
-                entries = length // DESC_SIZE
-                max_chain = self._max_indirect
-                if entries > max_chain:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): indirect table has {entries} "
-                        f"descriptors, more than the limit of {max_chain}"
-                    )
-                try:
-                    pieces = self._mem.translate(addr, length)
-                except GuestMemoryError as exc:
-                    raise self._fail(
-                        f"{where} {index} (chain head {head}): indirect table: {exc}"
-                    ) from exc
-                desc = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                in_indirect = True
-                where = "indirect descriptor"
-                table_len = entries
-                count = 0
-                index = 0
-                addr, length, flags, nxt = unpack(desc, 0)
-                continue
-            if length:
-                r = bisect_right(starts, addr) - 1
-                off = addr - starts[r] if r >= 0 else -1
-                if r >= 0 and off + length <= sizes[r]:
-                    pieces = [views[r][off : off + length]]
-                else:
-                    try:
-                        pieces = self._mem.translate(addr, length)
-                    except GuestMemoryError as exc:
-                        raise self._fail(
-                            f"{where} {index} (chain head {head}): buffer {addr:#x}+{length:#x}: "
-                            f"{exc}"
-                        ) from exc
-                if flags & VRING_DESC_F_WRITE:
-                    seen_write = True
-                    writable.extend(pieces)
-                    writable_gpas.append((addr, length))
-                    write_len += length
-                else:
-                    if seen_write:
-                        raise self._fail(
-                            f"{where} {index} (chain head {head}): device-readable descriptor "
-                            "after a device-writable one"
-                        )
-                    readable.extend(pieces)
-                    read_len += length
-            elif flags & VRING_DESC_F_WRITE:
-                seen_write = True
-            elif seen_write:
-                raise self._fail(
-                    f"{where} {index} (chain head {head}): device-readable descriptor "
-                    "after a device-writable one"
-                )
+                return count, (index, addr, length, flags)
+            name = (in_indirect, index, head)
+            self._take(parts, addr, length, flags, table, name=name)
             if not flags & VRING_DESC_F_NEXT:
-                break
+                return count, None
             if nxt >= table_len:
                 raise self._fail(
-                    f"{where} {index} (chain head {head}): next {nxt} >= "
+                    f"{_where(*name)}: next {nxt} >= "
                     f"{'indirect table size' if in_indirect else 'queue size'} {table_len}"
                 )
             index = nxt
-            addr, length, flags, nxt = unpack(desc, nxt << 4)
-        if read_len + write_len > U32_LIMIT:
+
+    def _take(
+        self,
+        parts: ChainParts,
+        addr: int,
+        length: int,
+        flags: int,
+        table: FastTable,
+        *,
+        name: tuple[bool, int, int],
+    ) -> None:
+        """Map one data descriptor into ``parts``; ``name`` is :func:`_where`'s, for errors."""
+        views = None
+        if length:
+            try:
+                views = map_buffer(self._mem, table, addr, length)
+            except GuestMemoryError as exc:
+                raise self._fail(f"{_where(*name)}: buffer {addr:#x}+{length:#x}: {exc}") from exc
+        if flags & VRING_DESC_F_WRITE:
+            parts.seen_write = True
+        elif parts.seen_write:
             raise self._fail(
-                f"chain at head {head} is {read_len + write_len} bytes long, more than 2^32"
+                f"{_where(*name)}: device-readable descriptor after a device-writable one"
             )
-        return DescriptorChain(
-            head, readable, writable, read_len, write_len, writable_gpas, ring_count
-        )
+        if views is not None:
+            parts.add(views, addr, length, flags)
 
     # -- push -----------------------------------------------------------------------------------
 
@@ -644,6 +594,38 @@ class SplitQueue(RingQueue):
         n = len(items)
         if not n:
             return
+        elems = self._used_elements(items)
+        size = self.size
+        ring = self._used_ring32
+        slot = self._used_idx & self._mask
+        end = slot + n
+        if end <= size:
+            ring[2 * slot : 2 * end] = elems
+        else:
+            split = 2 * (size - slot)
+            ring[2 * slot :] = elems[:split]
+            ring[: 2 * (end - size)] = elems[split:]
+        idx = self._used_idx + n
+        mem = self._mem
+        if mem.logging:
+            self._log_batch(items)
+        inflight = self._inflight
+        heads = [h for h, _ in items] if inflight is not None else []
+        if inflight is not None:
+            inflight.before_publish(heads)
+        if RW_BARRIERS_NEEDED:
+            write_barrier()
+        idx &= 0xFFFF
+        self._used[1] = idx
+        self._used_idx = idx
+        if self._log_used:
+            mem.log_write(self._used_log_gpa + 2, 2)
+        if inflight is not None:
+            inflight.after_publish(heads, idx)
+
+    def _used_elements(self, items: Sequence[tuple[int, int]]) -> array[int]:
+        """``items`` as used-ring words ``id, len, id, len ...``, every one checked first."""
+        n = len(items)
         size = self.size
         try:
             elems = array(
@@ -660,37 +642,17 @@ class SplitQueue(RingQueue):
                     queue=self.queue_index,
                 )
         assert elems is not None
-        ring = self._used_ring32
-        slot = self._used_idx & self._mask
-        end = slot + n
-        if end <= size:
-            ring[2 * slot : 2 * end] = elems
-        else:
-            split = 2 * (size - slot)
-            ring[2 * slot :] = elems[:split]
-            ring[: 2 * (end - size)] = elems[split:]
-        idx = self._used_idx + n
+        return elems
+
+    def _log_batch(self, items: Sequence[tuple[int, int]]) -> None:
+        """Dirty-log what a batch of pushes wrote: the chains' buffers and the used elements."""
         mem = self._mem
-        if mem.logging:
-            start = self._used_idx
-            for k, (head, written) in enumerate(items):
-                if written:
-                    self._log_chain(head, written)
-                if self._log_used:
-                    mem.log_write(self._used_log_gpa + 4 + (((start + k) & self._mask) << 3), 8)
-        inflight = self._inflight
-        heads = [h for h, _ in items] if inflight is not None else []
-        if inflight is not None:
-            inflight.before_publish(heads)
-        if RW_BARRIERS_NEEDED:
-            write_barrier()
-        idx &= 0xFFFF
-        self._used[1] = idx
-        self._used_idx = idx
-        if self._log_used:
-            mem.log_write(self._used_log_gpa + 2, 2)
-        if inflight is not None:
-            inflight.after_publish(heads, idx)
+        start = self._used_idx
+        for k, (head, written) in enumerate(items):
+            if written:
+                self._log_chain(head, written)
+            if self._log_used:
+                mem.log_write(self._used_log_gpa + 4 + (((start + k) & self._mask) << 3), 8)
 
     # -- notifications --------------------------------------------------------------------------
 
