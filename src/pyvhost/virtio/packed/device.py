@@ -22,7 +22,6 @@ zero-length indirect table is rejected.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Sequence
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
@@ -51,7 +50,14 @@ from pyvhost.virtio.packed.layout import (
     encode_packed_base,
     event_crossed,
 )
-from pyvhost.virtio.ring import U32_LIMIT, RingQueue, ring_view
+from pyvhost.virtio.ring import (
+    U32_LIMIT,
+    FastTable,
+    RingQueue,
+    map_buffer,
+    ring_view,
+    single_chain,
+)
 
 __all__ = ["PackedQueue"]
 
@@ -182,49 +188,12 @@ class PackedQueue(RingQueue):
         self._check_broken()
         pos = self._avail
         wrap = self._avail_wrap
-        expect = DESC_F_AVAIL if wrap else DESC_F_USED
-        if (self._ring16[(pos << 3) + FLAGS] & BOTH) != expect:
+        if (self._ring16[(pos << 3) + FLAGS] & BOTH) != (DESC_F_AVAIL if wrap else DESC_F_USED):
             return None
         if RW_BARRIERS_NEEDED:
             read_barrier()  # the descriptor body only after its flags said "available"
-        ring = self._ring
-        size = self.size
-        unpack = DESC.unpack_from
-        desc = unpack(ring, pos << 4)
-        if not desc[3] & (DESC_F_NEXT | DESC_F_INDIRECT):
-            descs = [desc]
-            pos += 1
-            if pos == size:
-                pos = 0
-                wrap = not wrap
-        else:
-            descs = []
-            while True:
-                if desc[3] & DESC_F_INDIRECT and desc[3] & DESC_F_NEXT:
-                    raise self._fail(
-                        f"chain at ring position {self._avail}: descriptor {pos} has INDIRECT "
-                        "together with NEXT"
-                    )
-                descs.append(desc)
-                pos += 1
-                if pos == size:
-                    pos = 0
-                    wrap = not wrap
-                    expect = DESC_F_AVAIL if wrap else DESC_F_USED
-                if not desc[3] & DESC_F_NEXT:
-                    break
-                if len(descs) >= self._max_chain:
-                    raise self._fail(
-                        f"chain at ring position {self._avail} is longer than the limit of "
-                        f"{self._max_chain} descriptors (queue size {size})"
-                    )
-                desc = unpack(ring, pos << 4)
-                if (desc[3] & BOTH) != expect:
-                    raise self._fail(
-                        f"chain at ring position {self._avail}: descriptor {pos} follows a NEXT "
-                        "flag but is not marked available"
-                    )
-        chain, writable_gpas = self._build(descs, f"chain at ring position {self._avail}")
+        descs, pos, wrap = self._gather(pos, wrap)
+        chain = self._build(descs, f"chain at ring position {self._avail}")
         buf_id = chain.head
         if buf_id in self._outstanding:
             raise self._fail(
@@ -232,14 +201,69 @@ class PackedQueue(RingQueue):
             )
         if self._inflight is not None:
             self._inflight.on_pop(descs, self._used, self._used_wrap)
-        self._outstanding[buf_id] = (len(descs), writable_gpas)
+        self._outstanding[buf_id] = (len(descs), chain.writable_gpas)
         self._avail = pos
         self._avail_wrap = wrap
         if self.event_idx and self._notify_enabled:
             self._set_device_event(pos | wrap << EVENT_WRAP_SHIFT, RING_EVENT_FLAGS_DESC)
         return chain
 
-    def pop_batch(self, max_n: int) -> list[DescriptorChain]:
+    def _gather(self, pos: int, wrap: bool) -> tuple[list[tuple[int, int, int, int]], int, bool]:
+        """The ring descriptors of the chain at ``pos`` (its flags said available) and the ring
+        position and wrap counter after it."""
+        size = self.size
+        ring = self._ring
+        unpack = DESC.unpack_from
+        desc = unpack(ring, pos << 4)
+        if not desc[3] & (DESC_F_NEXT | DESC_F_INDIRECT):
+            pos, wrap = (0, not wrap) if pos + 1 == size else (pos + 1, wrap)
+            return [desc], pos, wrap
+        descs = []
+        expect = DESC_F_AVAIL if wrap else DESC_F_USED
+        while True:
+            if desc[3] & DESC_F_INDIRECT and desc[3] & DESC_F_NEXT:
+                raise self._fail(
+                    f"chain at ring position {self._avail}: descriptor {pos} has INDIRECT "
+                    "together with NEXT"
+                )
+            descs.append(desc)
+            pos += 1
+            if pos == size:
+                pos = 0
+                wrap = not wrap
+                expect = DESC_F_AVAIL if wrap else DESC_F_USED
+            if not desc[3] & DESC_F_NEXT:
+                return descs, pos, wrap
+            if len(descs) >= self._max_chain:
+                raise self._fail(
+                    f"chain at ring position {self._avail} is longer than the limit of "
+                    f"{self._max_chain} descriptors (queue size {size})"
+                )
+            desc = unpack(ring, pos << 4)
+            if (desc[3] & BOTH) != expect:
+                raise self._fail(
+                    f"chain at ring position {self._avail}: descriptor {pos} follows a NEXT "
+                    "flag but is not marked available"
+                )
+
+    def _pop_each(self, max_n: int) -> list[DescriptorChain]:
+        """Up to ``max_n`` chains through :meth:`pop` (memory of several regions)."""
+        out: list[DescriptorChain] = []
+        pop = self.pop
+        try:
+            while len(out) < max_n:
+                chain = pop()
+                if chain is None:
+                    break
+                out.append(chain)
+        except (VirtqueueError, GuestMemoryError):
+            if not out:
+                raise
+        return out
+
+    def pop_batch(  # noqa: C901, PLR0912, PLR0915  (inlined hot path; see docstring)
+        self, max_n: int
+    ) -> list[DescriptorChain]:
         """Up to ``max_n`` available chains.
 
         One-descriptor chains inside a one-region memory are built inline (a bare instance, the
@@ -247,23 +271,15 @@ class PackedQueue(RingQueue):
         goes through :meth:`pop`, which validates it in full.
 
         Chains taken before a malformed one are returned (they are in flight and must be
-        completed); the queue is then broken and the next pop raises the error.
+        completed); the queue is then broken and the next pop raises the error. The
+        one-descriptor chain is built inline on purpose (a helper call per chain costs more than
+        the rest of it); ``tests/virtio/test_packed_fastpath.py`` holds it to :meth:`pop`'s.
         """
         self._check_broken()
-        out: list[DescriptorChain] = []
         starts, sizes, views = self._mem.fast_table()
         if len(starts) != 1:
-            pop = self.pop
-            try:
-                while len(out) < max_n:
-                    chain = pop()
-                    if chain is None:
-                        break
-                    out.append(chain)
-            except (VirtqueueError, GuestMemoryError):
-                if not out:
-                    raise
-            return out
+            return self._pop_each(max_n)
+        out: list[DescriptorChain] = []
         base, extent, view = starts[0], sizes[0], views[0]
         ring = self._ring
         ring16 = self._ring16
@@ -350,10 +366,10 @@ class PackedQueue(RingQueue):
         self._check_broken()
         if not descriptors:
             raise self._fail("resubmitted chain has no descriptors")
-        chain, writable_gpas = self._build(list(descriptors), "resubmitted chain")
+        chain = self._build(list(descriptors), "resubmitted chain")
         if chain.head in self._outstanding:
             raise self._fail(f"resubmitted chain: buffer id {chain.head} is already in flight")
-        self._outstanding[chain.head] = (len(descriptors), writable_gpas)
+        self._outstanding[chain.head] = (len(descriptors), chain.writable_gpas)
         return chain
 
     def recover_inflight(self) -> list[DescriptorChain]:
@@ -379,46 +395,54 @@ class PackedQueue(RingQueue):
         self._signalled_valid = False
         return [self.resubmit(e.descriptors) for e in entries]
 
-    def _build(
-        self, descs: list[tuple[int, int, int, int]], where: str
-    ) -> tuple[DescriptorChain, list[tuple[int, int]]]:
+    def _build(self, descs: list[tuple[int, int, int, int]], where: str) -> DescriptorChain:
         """Validate the ring descriptors of one chain and map its buffers."""
         size = self.size
         buf_id = descs[-1][2]
         if buf_id >= size:
             raise self._fail(f"{where}: buffer id {buf_id} >= queue size {size}")
-        starts, sizes, views = self._mem.fast_table()
+        table = self._mem.fast_table()
         addr, length, _, flags = descs[0]
-        # Fast path: one direct descriptor in one region, the usual shape of small requests.
-        if len(descs) == 1 and not flags & DESC_F_INDIRECT and length:
-            r = bisect_right(starts, addr) - 1
-            if r >= 0:
-                off = addr - starts[r]
-                if off + length <= sizes[r]:
-                    piece = views[r][off : off + length]
-                    if flags & DESC_F_WRITE:
-                        gpas = [(addr, length)]
-                        return DescriptorChain(buf_id, [], [piece], 0, length, gpas, 1), gpas
-                    return DescriptorChain(buf_id, [piece], [], length, 0, [], 1), []
+        if len(descs) == 1 and not flags & DESC_F_INDIRECT:
+            chain = single_chain(table, buf_id, addr, length, flags)
+            if chain is not None:
+                return chain
         elements: Sequence[tuple[int, int, int, int]] = descs
         what = "descriptor"
         if flags & DESC_F_INDIRECT:
             if len(descs) > 1:
                 raise self._fail(f"{where}: descriptor 0 has INDIRECT and is followed by NEXT")
-            elements = self._read_indirect(where, addr, length, flags)
+            entries = self._indirect_table(where, addr, length, flags)
+            elements = list(DESC.iter_unpack(entries))
             what = "indirect descriptor"
+        readable, writable, gpas, read_len, write_len = self._collect(elements, where, what, table)
+        if read_len + write_len > U32_LIMIT:
+            raise self._fail(f"{where}: {read_len + write_len} bytes long, more than 2^32")
+        return DescriptorChain(buf_id, readable, writable, read_len, write_len, gpas, len(descs))
+
+    def _collect(
+        self,
+        elements: Sequence[tuple[int, int, int, int]],
+        where: str,
+        what: str,
+        table: FastTable,
+    ) -> tuple[list[memoryview], list[memoryview], list[tuple[int, int]], int, int]:
+        """Check the direct descriptors of a chain (``what`` names them) and map their buffers:
+        ``(readable, writable, writable gpas, read_len, write_len)``.
+
+        Inside a one-region memory a buffer is sliced here, without a call per descriptor.
+        """
         readable: list[memoryview] = []
         writable: list[memoryview] = []
-        writable_gpas: list[tuple[int, int]] = []
+        gpas: list[tuple[int, int]] = []
+        starts, sizes, views = table
+        one_region = len(starts) == 1
+        base, extent, view = (starts[0], sizes[0], views[0]) if one_region else (0, 0, None)
         read_len = write_len = 0
         seen_write = False
-        one_region = len(starts) == 1
-        base, extent = (starts[0], sizes[0]) if one_region else (0, 0)
         for k, (addr, length, _, flags) in enumerate(elements):
             if flags & DESC_F_INDIRECT:
-                if what == "descriptor":
-                    raise self._fail(f"{where}: descriptor {k} inside a NEXT chain has INDIRECT")
-                raise self._fail(f"{where}: {what} {k}: INDIRECT inside an indirect table")
+                raise self._nested_indirect(where, what, k)
             if flags & DESC_F_WRITE:
                 seen_write = True
             elif seen_write:
@@ -427,66 +451,31 @@ class PackedQueue(RingQueue):
                 )
             if not length:
                 continue
-            if one_region:  # the usual case: no bisect, no one-item list per descriptor
-                off = addr - base
-                if off >= 0 and off + length <= extent:
-                    if flags & DESC_F_WRITE:
-                        writable.append(views[0][off : off + length])
-                        writable_gpas.append((addr, length))
-                        write_len += length
-                    else:
-                        readable.append(views[0][off : off + length])
-                        read_len += length
-                    continue
-            r = bisect_right(starts, addr) - 1
-            off = addr - starts[r] if r >= 0 else -1
-            if r >= 0 and off + length <= sizes[r]:
-                mapped = [views[r][off : off + length]]
-            else:
-                try:
-                    mapped = self._mem.translate(addr, length)
-                except GuestMemoryError as exc:
-                    raise self._fail(
-                        f"{where}: {what} {k} buffer {addr:#x}+{length:#x}: {exc}"
-                    ) from exc
             if flags & DESC_F_WRITE:
-                writable.extend(mapped)
-                writable_gpas.append((addr, length))
+                target = writable
+                gpas.append((addr, length))
                 write_len += length
             else:
-                readable.extend(mapped)
+                target = readable
                 read_len += length
-        if read_len + write_len > U32_LIMIT:
-            raise self._fail(f"{where}: {read_len + write_len} bytes long, more than 2^32")
-        chain = DescriptorChain(
-            buf_id, readable, writable, read_len, write_len, writable_gpas, len(descs)
-        )
-        return chain, writable_gpas
+            off = addr - base
+            if view is not None and off >= 0 and off + length <= extent:
+                target.append(view[off : off + length])
+            else:
+                target.extend(self._map(f"{where}: {what} {k}", addr, length, table))
+        return readable, writable, gpas, read_len, write_len
 
-    def _read_indirect(
-        self, where: str, addr: int, length: int, flags: int
-    ) -> list[tuple[int, int, int, int]]:
-        if not self.indirect:
-            raise self._fail(
-                f"{where}: INDIRECT flag but VIRTIO_F_INDIRECT_DESC was not negotiated"
-            )
-        if flags & DESC_F_NEXT:
-            raise self._fail(f"{where}: INDIRECT together with NEXT")
-        if length == 0 or length % DESC_SIZE:
-            raise self._fail(
-                f"{where}: indirect table length {length} is not a positive multiple of 16"
-            )
-        entries = length // DESC_SIZE
-        if entries > self._max_indirect:
-            raise self._fail(
-                f"{where}: indirect table has {entries} descriptors, more than the limit of "
-                f"{self._max_indirect}"
-            )
+    def _nested_indirect(self, where: str, what: str, k: int) -> VirtqueueError:
+        if what == "descriptor":
+            return self._fail(f"{where}: descriptor {k} inside a NEXT chain has INDIRECT")
+        return self._fail(f"{where}: {what} {k}: INDIRECT inside an indirect table")
+
+    def _map(self, where: str, addr: int, length: int, table: FastTable) -> list[memoryview]:
+        """Views of a buffer outside the one-region case; ``where`` names it in errors."""
         try:
-            table = self._mem.read(addr, length)
+            return map_buffer(self._mem, table, addr, length)
         except GuestMemoryError as exc:
-            raise self._fail(f"{where}: indirect table: {exc}") from exc
-        return list(DESC.iter_unpack(table))
+            raise self._fail(f"{where} buffer {addr:#x}+{length:#x}: {exc}") from exc
 
     # -- push -----------------------------------------------------------------------------------
 
@@ -543,14 +532,7 @@ class PackedQueue(RingQueue):
         if not items:
             return
         self._check_items(items)
-        outstanding = self._outstanding
-        mem = self._mem
-        counts = []
-        for head, written in items:
-            count, pieces = outstanding.pop(head)
-            counts.append(count)
-            if written and mem.logging:
-                mem.log_pieces(pieces, written)
+        counts = self._complete(items)
         size = self.size
         inflight = self._inflight
         if inflight is not None:
@@ -572,10 +554,9 @@ class PackedQueue(RingQueue):
                 first_flags = flags
             if self._log_used:
                 logged.append(used)
-            used += count
-            if used >= size:
-                used -= size
-                wrap = not wrap
+            used, wrap = (
+                (used + count - size, not wrap) if used + count >= size else (used + count, wrap)
+            )
         if RW_BARRIERS_NEEDED:
             write_barrier()  # every entry of the batch is complete before the first is handed over
         ring16[(first << 3) + FLAGS] = first_flags
@@ -586,6 +567,19 @@ class PackedQueue(RingQueue):
         if logged and self._mem.logging:
             for pos in logged:
                 self._mem.log_write(self._desc_gpa + (pos << 4), DESC_SIZE)
+
+    def _complete(self, items: Sequence[tuple[int, int]]) -> list[int]:
+        """Take checked ``items`` out of flight, dirty-log what was written into them; the ring
+        descriptors each one occupied."""
+        outstanding = self._outstanding
+        mem = self._mem
+        counts = []
+        for head, written in items:
+            count, pieces = outstanding.pop(head)
+            counts.append(count)
+            if written and mem.logging:
+                mem.log_pieces(pieces, written)
+        return counts
 
     # -- notifications --------------------------------------------------------------------------
 
