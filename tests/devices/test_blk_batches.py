@@ -66,7 +66,7 @@ class RecordingQueue:
     def in_flight(self) -> int:
         return 0
 
-    def resume_inflight(self) -> list[DescriptorChain]:
+    def recover_inflight(self) -> list[DescriptorChain]:
         return []
 
 

@@ -195,40 +195,49 @@ def to_resubmit(region: bytes, queue_size: int, packed: bool, rings: RingReader)
     per_queue = packed_region_size(queue_size) if packed else split_region_size(queue_size)
     if len(region) % per_queue:
         return 0
-    count = 0
-    for queue, base in enumerate(range(0, len(region), per_queue)):
+    still_flagged = _packed_still_flagged if packed else _split_still_flagged
+    return sum(
+        still_flagged(region[base : base + per_queue], queue, queue_size, rings)
+        for queue, base in enumerate(range(0, len(region), per_queue))
+    )
 
-        def half(off: int, base: int = base) -> int:
-            """The u16 at `off` in this queue's part of the region."""
-            return int.from_bytes(region[base + off : base + off + 2], "little")
 
-        if packed:
-            flags = [region[base + 32 + 32 * i] for i in range(queue_size)]
-            free_head, old_free_head = half(12), half(14)
-            used = (half(16), region[base + 20])
-            old_used = (half(18), region[base + 21])
-            if used != old_used:
-                still = DESC_F_AVAIL if old_used[1] else DESC_F_USED
-                ring = rings.packed_desc_flags(queue, old_used[0] % queue_size)
-                if ring & (DESC_F_AVAIL | DESC_F_USED) != still:
-                    old_free_head = free_head
-            i = old_free_head
-            for _ in range(queue_size):
-                if i >= queue_size:
-                    break
-                flags[i] = 0
-                i = half(32 + 32 * i + 2)
-        else:
-            flags = [region[base + 16 + 16 * i] for i in range(queue_size)]
-            ring_idx = rings.split_used_idx(queue)
-            i = half(12)
-            for _ in range(min((ring_idx - half(14)) & 0xFFFF, queue_size)):
-                if i >= queue_size:
-                    break
-                flags[i] = 0
-                i = half(16 + 16 * i + 6)
-        count += sum(1 for f in flags if f)
-    return count
+def _packed_still_flagged(part: bytes, queue: int, queue_size: int, rings: RingReader) -> int:
+    """Entries of one packed queue's region still in flight after the reconnect steps."""
+    flags = [part[32 + 32 * i] for i in range(queue_size)]
+    free_head, old_free_head = _u16(part, 12), _u16(part, 14)
+    used = (_u16(part, 16), part[20])
+    old_used = (_u16(part, 18), part[21])
+    if used != old_used:
+        still = DESC_F_AVAIL if old_used[1] else DESC_F_USED
+        ring = rings.packed_desc_flags(queue, old_used[0] % queue_size)
+        if ring & (DESC_F_AVAIL | DESC_F_USED) != still:
+            old_free_head = free_head
+    i = old_free_head
+    for _ in range(queue_size):
+        if i >= queue_size:
+            break
+        flags[i] = 0
+        i = _u16(part, 32 + 32 * i + 2)
+    return sum(1 for f in flags if f)
+
+
+def _split_still_flagged(part: bytes, queue: int, queue_size: int, rings: RingReader) -> int:
+    """Entries of one split queue's region still in flight after the reconnect steps."""
+    flags = [part[16 + 16 * i] for i in range(queue_size)]
+    ring_idx = rings.split_used_idx(queue)
+    i = _u16(part, 12)
+    for _ in range(min((ring_idx - _u16(part, 14)) & 0xFFFF, queue_size)):
+        if i >= queue_size:
+            break
+        flags[i] = 0
+        i = _u16(part, 16 + 16 * i + 6)
+    return sum(1 for f in flags if f)
+
+
+def _u16(part: bytes, off: int) -> int:
+    """The little-endian u16 at ``off``."""
+    return int.from_bytes(part[off : off + 2], "little")
 
 
 def _wait_stopped(pid: int, timeout: float = 5) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -253,28 +254,17 @@ def test_backend_restart_under_running_guest_loses_no_request(
 
     guest = threading.Thread(target=run_guest, name="guest")
     guest.start()
-    kills = KILLS[moment]
     killed_with: list[int] = []
     try:
-        for k, (phase, chunk) in enumerate(kills):
-            _watch(guest_vm, guest, f"{PHASE_LINE[phase]} 1 {chunk}")
+        for k in range(len(KILLS[moment])):
             killed_with.append(
-                kill_at(
-                    daemons[-1],
-                    want_in_flight=moment == "in_flight",
-                    queue_size=QUEUE_SIZE,
-                    packed=packed,
-                    describe=lambda: _guest_phase(guest_vm, control),
+                _kill_at_point(
+                    guest_vm, guest, control, daemons, moment=moment, k=k, sock=sock, packed=packed
                 )
             )
-            sock.unlink()  # a SIGKILLed daemon leaves its socket behind
-            time.sleep(0.3)  # the guest keeps queueing requests meanwhile
             daemons.append(serve_blk(peer_dir, f"serve-{len(daemons)}", sock, image))
             wait_started(daemons[-1])
-            later = {p for p, _ in kills[k + 1 :]}
-            for done in ("write", "read"):
-                if done not in later and done not in control.sent:
-                    control.stop(done)
+            _stop_finished_phases(control, KILLS[moment][k + 1 :])
         _watch(guest_vm, guest, None)
     except BaseException:
         guest_vm.stop()
@@ -291,7 +281,47 @@ def test_backend_restart_under_running_guest_loses_no_request(
     logs = [d.stderr for d in daemons]
     context = f"\nguest output tail:\n{result.output[-1500:]}\nQEMU:\n{guest_vm.stderr[-2000:]}"
     assert result.exit_code == 0, context + "\nlast serve log:\n" + logs[-1][-4000:]
+    _check_image(result, image)
+    _check_logs(logs, moment, killed_with)
 
+
+def _kill_at_point(
+    guest_vm: QemuVM,
+    guest: threading.Thread,
+    control: _Control,
+    daemons: list[PeerProcess],
+    *,
+    moment: str,
+    k: int,
+    sock: Path,
+    packed: bool,
+) -> int:
+    """Wait for kill ``k``'s point in the guest's I/O, SIGKILL the running back-end there and
+    remove its socket; how many requests it held."""
+    phase, chunk = KILLS[moment][k]
+    _watch(guest_vm, guest, f"{PHASE_LINE[phase]} 1 {chunk}")
+    held = kill_at(
+        daemons[-1],
+        want_in_flight=moment == "in_flight",
+        queue_size=QUEUE_SIZE,
+        packed=packed,
+        describe=lambda: _guest_phase(guest_vm, control),
+    )
+    sock.unlink()  # a SIGKILLed daemon leaves its socket behind
+    time.sleep(0.3)  # the guest keeps queueing requests meanwhile
+    return held
+
+
+def _stop_finished_phases(control: _Control, later_kills: Sequence[tuple[str, int]]) -> None:
+    """Let the guest leave every I/O phase no later kill waits for."""
+    later = {p for p, _ in later_kills}
+    for done in ("write", "read"):
+        if done not in later and done not in control.sent:
+            control.stop(done)
+
+
+def _check_image(result: GuestResult, image: Path) -> None:
+    """The guest saw its pattern and every chunk read back; the image holds the last writes."""
     expected = sector_pattern(PATTERN_SIZE // SECTOR)
     digest = hashlib.sha256(expected).hexdigest()
     lines = dict(line.split(" ", 1) for line in result.output.splitlines() if " " in line)
@@ -306,6 +336,9 @@ def test_backend_restart_under_running_guest_loses_no_request(
     passes = max(p for p, _ in written)
     assert at is None, f"image differs from the {passes} write passes' pattern at byte {at:#x}"
 
+
+def _check_logs(logs: list[str], moment: str, killed_with: list[int]) -> None:
+    """Each restarted back-end took the region over and recovered exactly when it had to."""
     if moment == "in_flight":
         assert all(n > 0 for n in killed_with)
     else:

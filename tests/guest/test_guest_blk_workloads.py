@@ -174,6 +174,16 @@ def blk_daemon(peer_dir: Path) -> Iterator[tuple[PeerProcess, Path]]:
     daemon.stop()
 
 
+def _check_serve_log(daemon: PeerProcess, queue_size: int) -> None:
+    """The back-end is still running, served a ring of ``queue_size`` and logged no fault."""
+    log = daemon.stderr
+    assert daemon.returncode is None, log[-3000:]
+    assert not problems(log), problems(log)
+    assert not _QUEUE_STOPPED.search(log)
+    assert "broken" not in log
+    assert _VRING_NUM.findall(log)[-1] == str(queue_size)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("queue_size", [128, 256])
 def test_guest_page_cache_and_ext4_workload(
@@ -200,12 +210,7 @@ def test_guest_page_cache_and_ext4_workload(
         )
     result.check()
 
-    log = daemon.stderr
-    assert daemon.returncode is None, log[-3000:]
-    assert not problems(log), problems(log)
-    assert not _QUEUE_STOPPED.search(log)
-    assert "broken" not in log
-    assert _VRING_NUM.findall(log)[-1] == str(queue_size)
+    _check_serve_log(daemon, queue_size)
 
     lines = _lines(result.output)
     assert guest_feature_bit(lines["features"], RING_PACKED_BIT) == packed

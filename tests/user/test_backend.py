@@ -965,7 +965,7 @@ def test_packed_fresh_inflight_region_keeps_the_migrated_base(peer: Peer) -> Non
         migrated = encode_packed_base(3, False, 3, False)
         _packed_ring(peer, 0, QSIZE, migrated).close()
         queue, _ = peer.device.queues[0]
-        assert queue.resume_inflight() == []
+        assert queue.recover_inflight() == []
         assert queue.get_base() == migrated
         reply = peer.send(Request.GET_VRING_BASE, VringState(0, 0))
         assert reply is not None and reply.payload_as(VringState).num == migrated
@@ -995,7 +995,7 @@ def test_split_fresh_inflight_region_then_crash_before_any_completion(
         queue, _ = first.device.queues[0]
         heads = [driver.add([(BUF_GPA + 16 * k, 16)], []) for k in range(2)]
         driver.publish()
-        assert queue.resume_inflight() == []
+        assert queue.recover_inflight() == []
         popped = [c.head for c in queue.pop_batch(8)]
         assert popped == heads
         del queue
@@ -1011,7 +1011,7 @@ def test_split_fresh_inflight_region_then_crash_before_any_completion(
         second.send(Request.SET_VRING_ADDR, VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0))
         second.send(Request.SET_VRING_KICK, U64(VRING_NOFD))
         resumed, _ = second.device.queues[0]
-        assert [c.head for c in resumed.resume_inflight()] == heads
+        assert [c.head for c in resumed.recover_inflight()] == heads
         assert resumed.get_base() == start + 2
         os.close(fd)
         driver.close()

@@ -26,6 +26,7 @@ from pyvhost.user.messages import (
 )
 from pyvhost.user.protocol import HANDLER_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
+from pyvhost.virtio.chain import DescriptorChain
 from pyvhost.virtio.memory import DirtyLog, GuestMemory
 from pyvhost.virtio.split import SplitDriver, split_layout
 
@@ -123,22 +124,7 @@ def _drain(fd: int) -> bytes:
 
 def test_every_request_round_trips(pair: Pair) -> None:
     fe, device = pair.fe, pair.device
-
-    result = fe.negotiate(backend_handler=BackendRequestHandler())
-    assert result.protocol_features == HANDLER_PROTOCOL_FEATURES
-    assert result.queue_num == 2
-    assert result.max_mem_slots == MAX_MEM_SLOTS
-    assert device.channel is not None
-    assert fe.get_features() & 1 << F_LOG_ALL
-    fe.set_features(result.features & ~(1 << F_LOG_ALL | 1 << vf.F_ACCESS_PLATFORM))
-    assert device.acked_features & 1 << vf.F_VERSION_1
-
-    assert fe.get_config(0, 60) == CONFIG
-    fe.set_config(4, b"\xaa\xbb")
-    assert fe.get_config(4, 2) == b"\xaa\xbb"
-    fe.set_status(7)
-    assert fe.get_status() == 7
-
+    _negotiate_and_configure(pair)
     with (
         GuestMemory.anonymous(1 << 20) as mem,
         GuestMemory.anonymous(0x10000, guest_phys_addr=0x1000_0000) as extra,
@@ -158,61 +144,10 @@ def test_every_request_round_trips(pair: Pair) -> None:
             fe.set_log_base(4096, 0, log_fd)
         finally:
             os.close(log_fd)
-        efd = os.eventfd(0, os.EFD_CLOEXEC)
-        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            fe.set_log_fd(efd)
-            fe.set_vring_err(0, efd)
-            desc, avail, used, _ = split_layout(QSIZE, 0x1000)
-            uva = main.userspace_addr
-            driver = SplitDriver(mem, QSIZE, desc, avail, used)
-            addr = VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0)
-            fe.start_vring(0, QSIZE, addr, 0, efd, call)
-            assert os.eventfd_read(call) == 1  # a new call fd is signalled once
-            queue, notifier = device.queues[0]
-            mem.write(0x20000, b"hello")
-            driver.add([(0x20000, 5)], [])
-            driver.publish()
-            chain = queue.pop()
-            assert chain is not None and chain.read_all() == b"hello"
-            queue.push(chain.head, 0)
-            notifier.call()
-            assert os.eventfd_read(call) == 1
-            fe.vring_kick(0)
-            assert notifier.drain_kick() >= 1
-            assert fe.get_vring_base(0) == 1
-            driver.close()
-        finally:
-            os.close(efd)
-            os.close(call)
-
-        # CROSS_ENDIAN and ACCESS_PLATFORM are never offered: the front-end refuses to send
-        # their requests, and the back-end, asked anyway, refuses them by the same table.
-        with pytest.raises(UnsupportedRequestError, match="CROSS_ENDIAN"):
-            fe.set_vring_endian(1, big=False)
-        with pytest.raises(UnsupportedRequestError, match="ACCESS_PLATFORM"):
-            fe.iotlb_msg(IotlbMsg(0x1000, 0x1000, uva + 0x1000, 3, 2))
-        fe.check_features = False
-        with pytest.raises(ReplyError):
-            fe.set_vring_endian(1, big=False)
-        assert fe.iotlb_msg(IotlbMsg(0x1000, 0x1000, uva + 0x1000, 3, 2)) == 1
-        fe.check_features = True
-
-        fe.send_rarp(b"\x52\x54\x00\x12\x34\x56")
-        assert device.calls["rarp"] == b"\x52\x54\x00\x12\x34\x56"
-        fe.net_set_mtu(1400)
-        assert device.calls["mtu"] == 1400
-        session = bytes(range(8)) * 4
-        assert fe.create_crypto_session(session)[:8] == (42).to_bytes(8, "little")
-        fe.close_crypto_session(42)
-        assert device.calls["crypto_closed"] == 42
-        r, w = os.pipe()
-        try:
-            fe.gpu_set_socket(r)
-        finally:
-            os.close(r)
-            os.close(w)
-        assert device.gpu_fd is not None
+        # Held to the end as the test always did: POSTCOPY_END fails (UFFDIO_UNREGISTER EINVAL)
+        # once the chain's views into the old mapping are gone, to be looked at in the back-end.
+        chain = _ring_round_trip(pair, mem)
+        _device_specific_requests(pair, main.userspace_addr)
 
         ufd = fe.postcopy_advise()
         os.close(ufd)
@@ -228,35 +163,126 @@ def test_every_request_round_trips(pair: Pair) -> None:
             fe.set_inflight_fd(inflight, ifd)
         finally:
             os.close(ifd)
-
-        fd = fe.get_shared_object(uuid.UUID(int=7))
-        assert fd is not None
-        assert os.pread(fd, 15, 0) == b"exported object"
-        os.close(fd)
-        assert fe.get_shared_object(uuid.UUID(int=8)) is None
-
-        r, w = os.pipe()
-        assert fe.set_device_state_fd(0, 0, w) is None
-        os.close(w)
-        assert _drain(r) == b"state:" + bytes(device.config)
-        os.close(r)
-        assert fe.check_device_state() == 0
-        r, w = os.pipe()
-        assert fe.set_device_state_fd(1, 0, r) is None
-        os.close(r)
-        os.write(w, b"restored")
-        os.close(w)
-        assert fe.check_device_state() == 0
-        assert device.calls["loaded"] == b"restored"
+        _shared_object_and_device_state(pair)
 
         assert fe.get_shmem_config() == (0x1000, 0x4000)
         fe.reset_device()
         assert fe.get_status() == 0
         fe.reset_owner()
         fe.set_owner()
+        del chain
+    assert device.calls["loaded"] == b"restored"
 
     seen = {m.request for m in pair.seen}
     assert seen == set(Request), f"not exercised: {sorted(r.name for r in set(Request) - seen)}"
+
+
+def _negotiate_and_configure(pair: Pair) -> None:
+    """Negotiation, features, config space and status."""
+    fe, device = pair.fe, pair.device
+    result = fe.negotiate(backend_handler=BackendRequestHandler())
+    assert result.protocol_features == HANDLER_PROTOCOL_FEATURES
+    assert result.queue_num == 2
+    assert result.max_mem_slots == MAX_MEM_SLOTS
+    assert device.channel is not None
+    assert fe.get_features() & 1 << F_LOG_ALL
+    fe.set_features(result.features & ~(1 << F_LOG_ALL | 1 << vf.F_ACCESS_PLATFORM))
+    assert device.acked_features & 1 << vf.F_VERSION_1
+
+    assert fe.get_config(0, 60) == CONFIG
+    fe.set_config(4, b"\xaa\xbb")
+    assert fe.get_config(4, 2) == b"\xaa\xbb"
+    fe.set_status(7)
+    assert fe.get_status() == 7
+
+
+def _ring_round_trip(pair: Pair, mem: GuestMemory) -> DescriptorChain:
+    """The vring requests: a ring started, one chain through it, kick and call, its base."""
+    fe, device = pair.fe, pair.device
+    main = mem.regions[0]
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        fe.set_log_fd(efd)
+        fe.set_vring_err(0, efd)
+        desc, avail, used, _ = split_layout(QSIZE, 0x1000)
+        uva = main.userspace_addr
+        driver = SplitDriver(mem, QSIZE, desc, avail, used)
+        addr = VringAddr(0, 0, uva + desc, uva + used, uva + avail, 0)
+        fe.start_vring(0, QSIZE, addr, 0, efd, call)
+        assert os.eventfd_read(call) == 1  # a new call fd is signalled once
+        queue, notifier = device.queues[0]
+        mem.write(0x20000, b"hello")
+        driver.add([(0x20000, 5)], [])
+        driver.publish()
+        chain = queue.pop()
+        assert chain is not None and chain.read_all() == b"hello"
+        queue.push(chain.head, 0)
+        notifier.call()
+        assert os.eventfd_read(call) == 1
+        fe.vring_kick(0)
+        assert notifier.drain_kick() >= 1
+        assert fe.get_vring_base(0) == 1
+        driver.close()
+        return chain
+    finally:
+        os.close(efd)
+        os.close(call)
+
+
+def _device_specific_requests(pair: Pair, uva: int) -> None:
+    """Endianness, net, IOTLB, crypto and GPU requests."""
+    fe, device = pair.fe, pair.device
+    # CROSS_ENDIAN and ACCESS_PLATFORM are never offered: the front-end refuses to send
+    # their requests, and the back-end, asked anyway, refuses them by the same table.
+    with pytest.raises(UnsupportedRequestError, match="CROSS_ENDIAN"):
+        fe.set_vring_endian(1, big=False)
+    with pytest.raises(UnsupportedRequestError, match="ACCESS_PLATFORM"):
+        fe.iotlb_msg(IotlbMsg(0x1000, 0x1000, uva + 0x1000, 3, 2))
+    fe.check_features = False
+    with pytest.raises(ReplyError):
+        fe.set_vring_endian(1, big=False)
+    assert fe.iotlb_msg(IotlbMsg(0x1000, 0x1000, uva + 0x1000, 3, 2)) == 1
+    fe.check_features = True
+
+    fe.send_rarp(b"\x52\x54\x00\x12\x34\x56")
+    assert device.calls["rarp"] == b"\x52\x54\x00\x12\x34\x56"
+    fe.net_set_mtu(1400)
+    assert device.calls["mtu"] == 1400
+    session = bytes(range(8)) * 4
+    assert fe.create_crypto_session(session)[:8] == (42).to_bytes(8, "little")
+    fe.close_crypto_session(42)
+    assert device.calls["crypto_closed"] == 42
+    r, w = os.pipe()
+    try:
+        fe.gpu_set_socket(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert device.gpu_fd is not None
+
+
+def _shared_object_and_device_state(pair: Pair) -> None:
+    """GET_SHARED_OBJECT, and device state saved to and loaded from a pipe."""
+    fe, device = pair.fe, pair.device
+    fd = fe.get_shared_object(uuid.UUID(int=7))
+    assert fd is not None
+    assert os.pread(fd, 15, 0) == b"exported object"
+    os.close(fd)
+    assert fe.get_shared_object(uuid.UUID(int=8)) is None
+
+    r, w = os.pipe()
+    assert fe.set_device_state_fd(0, 0, w) is None
+    os.close(w)
+    assert _drain(r) == b"state:" + bytes(device.config)
+    os.close(r)
+    assert fe.check_device_state() == 0
+    r, w = os.pipe()
+    assert fe.set_device_state_fd(1, 0, r) is None
+    os.close(r)
+    os.write(w, b"restored")
+    os.close(w)
+    assert fe.check_device_state() == 0
 
 
 def test_backend_errors_reach_the_frontend_as_nacks(pair: Pair) -> None:

@@ -4,9 +4,10 @@ exactly the chains still pending, in pop order, for split and packed queues."""
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -91,58 +92,20 @@ def run_history(
         drv = SplitDriver(mem, size, *layout)
         hooks = SplitHooks(region.split_queue(0))
         dev = SplitQueue(mem, size, *layout, inflight=hooks)
-    seq = 0
     pending: dict[int, int] = {}  # head -> pop sequence number
+    order = itertools.count()
     try:
         for _ in range(steps):
-            action = rng.random()
-            if action < 0.35:
-                for _ in range(rng.randint(1, 3)):
-                    n = rng.randint(1, min(3, size))
-                    if n > drv.num_free:
-                        break
-                    drv.add([(DATA + 64 * k, 8) for k in range(n)], [])
-                drv.publish()
-            elif action < 0.65:
-                for chain in dev.pop_batch(rng.randint(1, size)):
-                    pending[chain.head] = seq
-                    seq += 1
-            elif action < 0.9 and pending:
-                done = rng.sample(sorted(pending), rng.randint(1, len(pending)))
-                dev.push_batch([(h, 0) for h in done])
-                for h in done:
-                    del pending[h]
-            else:
-                drv.get_used()
+            _random_step(rng, drv, dev, pending, order)
         if pending and crash != "clean":
-            done = rng.sample(sorted(pending), rng.randint(1, len(pending)))
-            if packed:
-                assert isinstance(hooks, PackedHooks)
-                hooks.crash = crash
-            else:
-                assert isinstance(hooks, SplitHooks)
-                hooks.crash = True
-            with pytest.raises(CrashError):
-                dev.push_batch([(h, 0) for h in done])
-            if crash == "after":  # the used entries reached the ring: those chains are done
-                for h in done:
-                    del pending[h]
+            _crash_mid_push(rng, dev, hooks, pending, crash)
         expected = [h for h, _ in sorted(pending.items(), key=lambda kv: kv[1])]
         used_ring_idx = dev.used_idx
         dev.close()
         region.close()
         region = InflightRegion.adopt(front_end_fd, mmap_size, 0, 1, size, packed)
         if packed:
-            new = PackedQueue(mem, size, *layout, inflight=region.packed_queue(0))
-            recovered = [c.head for c in new.recover_inflight()]
-            # Everything recovered plus everything not yet popped still completes exactly once.
-            for h in recovered:
-                new.push(h, 0)
-            while chains := new.pop_batch(size):
-                new.push_batch([(c.head, 0) for c in chains])
-            drv.get_used()
-            assert drv.num_free == size
-            new.close()
+            recovered = _recover_packed(mem, layout, region, drv)
         else:
             recovered = region.split_queue(0).recover(used_ring_idx)
         return recovered, expected
@@ -151,6 +114,75 @@ def run_history(
         region.close()
         gc.collect()
         mem.close()
+
+
+def _random_step(
+    rng: random.Random,
+    drv: SplitDriver | PackedDriver,
+    dev: SplitQueue | PackedQueue,
+    pending: dict[int, int],
+    order: Iterator[int],
+) -> None:
+    """One random move: the driver adds, the device pops or pushes, or the driver collects."""
+    action = rng.random()
+    if action < 0.35:
+        for _ in range(rng.randint(1, 3)):
+            n = rng.randint(1, min(3, dev.size))
+            if n > drv.num_free:
+                break
+            drv.add([(DATA + 64 * k, 8) for k in range(n)], [])
+        drv.publish()
+    elif action < 0.65:
+        for chain in dev.pop_batch(rng.randint(1, dev.size)):
+            pending[chain.head] = next(order)
+    elif action < 0.9 and pending:
+        done = rng.sample(sorted(pending), rng.randint(1, len(pending)))
+        dev.push_batch([(h, 0) for h in done])
+        for h in done:
+            del pending[h]
+    else:
+        drv.get_used()
+
+
+def _crash_mid_push(
+    rng: random.Random,
+    dev: SplitQueue | PackedQueue,
+    hooks: SplitHooks | PackedHooks,
+    pending: dict[int, int],
+    crash: str,
+) -> None:
+    """Push some pending chains and die at ``crash``; forget those whose used entries landed."""
+    done = rng.sample(sorted(pending), rng.randint(1, len(pending)))
+    if isinstance(hooks, PackedHooks):
+        hooks.crash = crash
+    else:
+        hooks.crash = True
+    with pytest.raises(CrashError):
+        dev.push_batch([(h, 0) for h in done])
+    if crash == "after":  # the used entries reached the ring: those chains are done
+        for h in done:
+            del pending[h]
+
+
+def _recover_packed(
+    mem: GuestMemory,
+    layout: tuple[int, ...],
+    region: InflightRegion,
+    drv: SplitDriver | PackedDriver,
+) -> list[int]:
+    """A new packed queue recovers; everything recovered plus everything not yet popped still
+    completes exactly once."""
+    size = region.queue_size
+    new = PackedQueue(mem, size, *layout, inflight=region.packed_queue(0))
+    recovered = [c.head for c in new.recover_inflight()]
+    for h in recovered:
+        new.push(h, 0)
+    while chains := new.pop_batch(size):
+        new.push_batch([(c.head, 0) for c in chains])
+    drv.get_used()
+    assert drv.num_free == size
+    new.close()
+    return recovered
 
 
 @settings(max_examples=150, deadline=None)

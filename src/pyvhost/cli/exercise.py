@@ -378,6 +378,15 @@ def _checks(blk: BlkDriver, result: ExerciseResult, block_size: int) -> None:
         result.checks.append(f"DISCARD: {sectors} sectors ok")
 
 
+def _memory_size(opts: ExerciseOptions) -> int:
+    """Guest memory for the run: buffers of every request in flight plus the rings, in 2 MiB."""
+    depth = opts.queue_depth * opts.queues
+    mem_size = 4 << 20
+    mem_size += depth * (opts.block_size + 256) * 2
+    mem_size += opts.queues * 16 * 4 * _queue_size(opts.queue_depth)
+    return -(-mem_size // (2 << 20)) * (2 << 20)
+
+
 def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> ExerciseResult:
     """Run the whole exercise against ``opts.socket``; never raises for back-end faults."""
     result = ExerciseResult(
@@ -390,11 +399,7 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
         result.fatal = f"block size {opts.block_size} is not a multiple of {SECTOR_SIZE}"
         result.errors += 1
         return result
-    depth = opts.queue_depth * opts.queues
-    mem_size = 4 << 20
-    mem_size += depth * (opts.block_size + 256) * 2
-    mem_size += opts.queues * 16 * 4 * _queue_size(opts.queue_depth)
-    mem_size = -(-mem_size // (2 << 20)) * (2 << 20)
+    mem_size = _memory_size(opts)
     session: DriverSession | None = None
     try:
         session = DriverSession.connect(

@@ -157,7 +157,7 @@ class ResumedQueue:
     def in_flight(self) -> int:
         return self.inner.in_flight
 
-    def resume_inflight(self) -> list[DescriptorChain]:
+    def recover_inflight(self) -> list[DescriptorChain]:
         return []
 
 
@@ -309,25 +309,7 @@ class _Worker:
                 if not self.running:
                     return
                 raise
-            due: list[tuple[_QueueState, bool]] = []
-            watched: list[_Watch] = []
-            with self.lock:
-                for fd, _ in events:
-                    if fd == self.wake_fd:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(fd, 8)
-                        continue
-                    state = self.by_fd.get(fd)
-                    if state is not None:
-                        due.append((state, True))
-                    elif (watch := self.watches.get(fd)) is not None:
-                        watched.append(watch)
-                if self.ready:
-                    due.extend((s, False) for s in self.ready if all(s is not d for d, _ in due))
-                    self.ready.clear()
-                if self.polling:
-                    due.extend((s, False) for s in self.polling)
-            state = None
+            due, watched = self._sort_events(events)
             _service_all(due)
             for watch in watched:
                 _run_watch(watch)
@@ -335,6 +317,30 @@ class _Worker:
             # would keep the last front-end's memory mapped while the worker sleeps.
             due.clear()
             watched.clear()
+
+    def _sort_events(
+        self, events: list[tuple[int, int]]
+    ) -> tuple[list[tuple[_QueueState, bool]], list[_Watch]]:
+        """The queues due this round (kicked or ready or polled) and the device fds that fired."""
+        due: list[tuple[_QueueState, bool]] = []
+        watched: list[_Watch] = []
+        with self.lock:
+            for fd, _ in events:
+                if fd == self.wake_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(fd, 8)
+                    continue
+                state = self.by_fd.get(fd)
+                if state is not None:
+                    due.append((state, True))
+                elif (watch := self.watches.get(fd)) is not None:
+                    watched.append(watch)
+            if self.ready:
+                due.extend((s, False) for s in self.ready if all(s is not d for d, _ in due))
+                self.ready.clear()
+            if self.polling:
+                due.extend((s, False) for s in self.polling)
+        return due, watched
 
 
 def _drain(fd: int) -> int:
@@ -449,7 +455,7 @@ class EventLoop:
         key = (id(device), index)
         self.remove_queue(device, index)
         try:
-            recovered = queue.resume_inflight()
+            recovered = queue.recover_inflight()
         except (VirtqueueError, GuestMemoryError, InflightError) as exc:
             log.error("queue %d: inflight recovery failed: %s", index, exc)
             recovered = []

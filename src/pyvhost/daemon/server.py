@@ -4,7 +4,7 @@ Server mode (the default) listens at the socket path, as QEMU's ``-chardev socke
 expects; client mode connects to a front-end that listens (``server=on``), retrying until it
 is there. Either way, when the front-end goes away the daemon waits for the next one. A device
 with ``uses_inflight`` that is restarted under a running front-end picks up the chains its
-predecessor left in flight (see ``DeviceQueue.resume_inflight``).
+predecessor left in flight (see ``DeviceQueue.recover_inflight``).
 
 SIGTERM and SIGINT (when :meth:`Daemon.run` installs the handlers) stop the daemon cleanly:
 the connection is closed, the rings stopped, and the socket file removed.

@@ -214,9 +214,7 @@ class DriverSession(Closing):
         self._poll = select.poll()
         self._polled_sock: int | None = None
 
-        ring_bytes = 0
-        for _ in range(num_queues):
-            ring_bytes += self._ring_span(queue_size, packed)
+        ring_bytes = num_queues * self._ring_span(queue_size, packed)
         if ring_bytes + _ALLOC_ALIGN > mem_size:
             raise ValueError(
                 f"mem_size {mem_size:#x} cannot hold {num_queues} rings of {queue_size} "

@@ -329,6 +329,21 @@ class PackedInflightHooks(Protocol):
         """The batch's first used descriptor is stored: commit the batch."""
         ...
 
+    def recover(self, ring_flags: Callable[[int], int]) -> list[PackedInflightEntry]:
+        """After a reconnect: the buffers to resubmit, in pop order (see
+        :meth:`PackedInflightQueue.recover`); ``ring_flags(i)`` reads ring descriptor i's flags."""
+        ...
+
+    @property
+    def used_idx(self) -> int:
+        """After :meth:`recover`: the ring position of the next used descriptor."""
+        ...
+
+    @property
+    def used_wrap(self) -> bool:
+        """After :meth:`recover`: the device wrap counter at :attr:`used_idx`."""
+        ...
+
 
 class PackedInflightQueue(_QueueViews):
     """Inflight tracking for one packed queue: the spec's free list and ``old_*`` shadow fields.
@@ -563,7 +578,8 @@ class InflightRegion(Closing):
         self.packed = packed
         self.queue_region_size = queue_region_size(queue_size, packed)
         self._buf: mmap.mmap | None = buf
-        self._queues: dict[int, SplitInflightQueue | PackedInflightQueue] = {}
+        self._split: dict[int, SplitInflightQueue] = {}
+        self._packed: dict[int, PackedInflightQueue] = {}
 
     @classmethod
     def create(
@@ -684,31 +700,36 @@ class InflightRegion(Closing):
 
     def queue(self, i: int) -> SplitInflightQueue | PackedInflightQueue:
         """The tracker of queue ``i`` (one object per queue, reused)."""
-        if not 0 <= i < self.num_queues:
-            raise InflightError(f"inflight queue {i} out of range (region has {self.num_queues})")
-        tracker = self._queues.get(i)
-        if tracker is None:
-            args = (self.buffer, i * self.queue_region_size, self.queue_region_size)
-            if self.packed:
-                tracker = PackedInflightQueue(*args, self.queue_size, i)
-            else:
-                tracker = SplitInflightQueue(*args, self.queue_size, i)
-            self._queues[i] = tracker
-        return tracker
+        return self.packed_queue(i) if self.packed else self.split_queue(i)
 
     def split_queue(self, i: int) -> SplitInflightQueue:
         """The tracker of split queue ``i``."""
-        tracker = self.queue(i)
-        if not isinstance(tracker, SplitInflightQueue):
-            raise InflightError(f"inflight queue {i}: the region is in packed format")
+        self._check_queue(i, packed=False)
+        tracker = self._split.get(i)
+        if tracker is None:
+            tracker = self._split[i] = SplitInflightQueue(*self._queue_area(i), self.queue_size, i)
         return tracker
 
     def packed_queue(self, i: int) -> PackedInflightQueue:
         """The tracker of packed queue ``i``."""
-        tracker = self.queue(i)
-        if not isinstance(tracker, PackedInflightQueue):
-            raise InflightError(f"inflight queue {i}: the region is in split format")
+        self._check_queue(i, packed=True)
+        tracker = self._packed.get(i)
+        if tracker is None:
+            tracker = self._packed[i] = PackedInflightQueue(
+                *self._queue_area(i), self.queue_size, i
+            )
         return tracker
+
+    def _check_queue(self, i: int, *, packed: bool) -> None:
+        if not 0 <= i < self.num_queues:
+            raise InflightError(f"inflight queue {i} out of range (region has {self.num_queues})")
+        if packed != self.packed:
+            fmt = "packed" if self.packed else "split"
+            raise InflightError(f"inflight queue {i}: the region is in {fmt} format")
+
+    def _queue_area(self, i: int) -> tuple[mmap.mmap, int, int]:
+        """The mapping, offset and length of queue ``i``'s part of the region."""
+        return self.buffer, i * self.queue_region_size, self.queue_region_size
 
     @property
     def closed(self) -> bool:
@@ -719,9 +740,10 @@ class InflightRegion(Closing):
         buf, self._buf = self._buf, None
         if buf is None:
             return
-        for tracker in self._queues.values():
+        for tracker in (*self._split.values(), *self._packed.values()):
             tracker.release()
-        self._queues.clear()
+        self._split.clear()
+        self._packed.clear()
         with contextlib.suppress(BufferError):
             buf.close()
         os.close(self.fd)

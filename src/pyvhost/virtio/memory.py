@@ -329,6 +329,29 @@ class Region:
             self.close()
 
 
+def _or_partial_bytes(
+    or_byte: atomic.OrByte, array: ctypes.Array[ctypes.c_ubyte], first: int, last: int
+) -> tuple[int, int]:
+    """Set the bits of pages ``first..last`` that share a byte with pages outside the range,
+    with an atomic OR each; the bytes ``[from, to)`` left to fill with 0xFF whole."""
+    first_byte = first >> 3
+    last_byte = last >> 3
+    if first_byte == last_byte:
+        mask = (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
+        if mask != 0xFF:
+            or_byte(_byref(array, first_byte), mask, _SEQ_CST)
+            return first_byte, first_byte
+        return first_byte, last_byte + 1
+    full_from, full_to = first_byte, last_byte + 1
+    if first & 7:
+        or_byte(_byref(array, first_byte), (0xFF << (first & 7)) & 0xFF, _SEQ_CST)
+        full_from += 1
+    if (last & 7) != 7:
+        or_byte(_byref(array, last_byte), 0xFF >> (7 - (last & 7)), _SEQ_CST)
+        full_to -= 1
+    return full_from, full_to
+
+
 class DirtyLog:
     """The vhost dirty-page log: one bit per 4 KiB guest-physical page, LSB first in each byte.
 
@@ -392,9 +415,7 @@ class DirtyLog:
             return
         first = gpa >> _PAGE_SHIFT
         last = (gpa + length - 1) >> _PAGE_SHIFT
-        first_byte = first >> 3
-        last_byte = last >> 3
-        if gpa < 0 or last_byte >= self.size:
+        if gpa < 0 or last >> 3 >= self.size:
             raise self._refused(gpa, length)
         or_byte = self._or
         if or_byte is None:
@@ -403,20 +424,7 @@ class DirtyLog:
         array = self._bytes  # held until we return: keeps the mapping alive (see __init__)
         if array is None:
             raise self._closed(gpa, length)
-        if first_byte == last_byte:
-            mask = (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
-            if mask != 0xFF:
-                or_byte(_byref(array, first_byte), mask, _SEQ_CST)
-                return
-            full_from, full_to = first_byte, last_byte + 1
-        else:
-            full_from, full_to = first_byte, last_byte + 1
-            if first & 7:
-                or_byte(_byref(array, first_byte), (0xFF << (first & 7)) & 0xFF, _SEQ_CST)
-                full_from += 1
-            if (last & 7) != 7:
-                or_byte(_byref(array, last_byte), 0xFF >> (7 - (last & 7)), _SEQ_CST)
-                full_to -= 1
+        full_from, full_to = _or_partial_bytes(or_byte, array, first, last)
         if full_to > full_from:
             if RW_BARRIERS_NEEDED:
                 write_barrier()  # the data before the log bits (x86 orders stores itself)

@@ -73,9 +73,12 @@ class DeviceQueue(Protocol):
         """Chains popped and not yet pushed back (a stop waits for them)."""
         ...
 
-    def resume_inflight(self) -> list[DescriptorChain]:
-        """Chains a previous back-end left in flight, to redo first when the queue starts (once;
-        empty without an inflight region that holds such state)."""
+    def recover_inflight(self) -> list[DescriptorChain]:
+        """Chains a previous back-end left in flight, to redo first when the queue starts.
+
+        Each layout reads its own inflight format and repositions itself; once per region, and
+        empty without an inflight region that holds a previous back-end's state.
+        """
         ...
 
 
