@@ -27,6 +27,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "cli": (9, "tools: cli"),
     "check": (8, "tools: check"),
     "devices": (7, "devices"),
+    # pyvhost.testing: test-double devices on the vhost-user layer (comes with the daemon rework).
+    "testing": (7, "devices"),
     "daemon": (6, "framework"),
     "driver": (5, "driver"),
     "user": (4, "vhost-user"),
