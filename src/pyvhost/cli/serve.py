@@ -1,5 +1,7 @@
 """``pyvhost serve``: run a vhost-user back-end (blk, rng) on a Unix socket until SIGTERM / SIGINT.
 
+Usage::
+
     pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
                       [--serial ID] [--workers N] [--queue-size N] [--require-sealed-memory]
     pyvhost serve rng --socket PATH [--client] [--require-sealed-memory]

@@ -43,13 +43,13 @@ guest-memory views (the block device), ``os.getrandom``, socket I/O. The design 
 Measured on the 2-core development machine (shared, so within about 20 %), a toy device on
 2 queues driven from another process at queue depth 16 per queue:
 
-==========================================  ==========  ==========
-per request                                 workers=1   workers=2
-==========================================  ==========  ==========
-1 ms wait with the GIL released (disk I/O)  830 req/s   1 700 req/s
-pure bytecode, about 2.5 ms                 395 req/s   240 req/s
-pure bytecode, about 0.25 ms                1 900 req/s 2 840 req/s
-==========================================  ==========  ==========
+==========================================  ===========  ===========
+per request                                 workers=1    workers=2
+==========================================  ===========  ===========
+1 ms wait with the GIL released (disk I/O)  830 req/s    1 700 req/s
+pure bytecode, about 2.5 ms                 395 req/s    240 req/s
+pure bytecode, about 0.25 ms                1 900 req/s  2 840 req/s
+==========================================  ===========  ===========
 
 I/O-bound queues scale with workers; compute-bound ones lose to GIL hand-offs when the work per
 request is long, and gain a little when it is short (the eventfd and epoll system calls of one

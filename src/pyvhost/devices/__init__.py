@@ -1,1 +1,2 @@
-"""Ready-made vhost-user devices: :mod:`.blk` (virtio-blk) and :mod:`.rng` (virtio-rng)."""
+"""Ready-made vhost-user devices: :mod:`~pyvhost.devices.blk` (virtio-blk) and
+:mod:`~pyvhost.devices.rng` (virtio-rng)."""
