@@ -184,45 +184,30 @@ def _graph(src: Path) -> dict[str, dict[str, Import]]:
     return graph
 
 
+def _reachable(start: str, graph: dict[str, dict[str, Import]]) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
 def _components(graph: dict[str, dict[str, Import]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
+    """Groups of more than one module that all import each other (strongly connected)."""
+    reach = {node: _reachable(node, graph) for node in graph}
     found: list[list[str]] = []
-    for root in sorted(graph):
-        if root in index:
+    placed: set[str] = set()
+    for node in sorted(graph):
+        if node in placed:
             continue
-        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1:
-                    found.append(sorted(component))
+        component = sorted({node} | {m for m in reach[node] if node in reach[m]})
+        placed.update(component)
+        if len(component) > 1:
+            found.append(component)
     return found
 
 
