@@ -439,6 +439,7 @@ def stage_work_tree(
     source: Path = SOURCE,
 ) -> None:
     """Lay out the work disk's tree: runner, job.json, the script, src/<package>, files/."""
+    destinations = {name: _relative(name) for name in files}
     stage.mkdir(parents=True, exist_ok=True)
     shutil.copy(RUNNER, stage / RUNNER.name)
     if isinstance(script, Path):
@@ -458,7 +459,7 @@ def stage_work_tree(
     for sub in ("files", "out", "result"):
         (stage / sub).mkdir()
     for name_, content in files.items():
-        dest = stage / "files" / _relative(name_)
+        dest = stage / "files" / destinations[name_]
         dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             if content.is_dir():
@@ -569,6 +570,11 @@ def _collect(vm: QemuVM, port: int, disk: Path, back: Path, duration: float) -> 
     result_dir, out_dir = read_back(disk, back)
     status_path = result_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.is_file() else None
+    if status is not None and status.get("error"):
+        raise PyGuestError(
+            f"guest runner failed before the script ran:\n{status['error']}\n"
+            f"console (tail):\n{vm.console[-CONSOLE_TAIL:]}"
+        )
     if parsed is None or status is None or status.get("returncode") is None:
         what = (
             f"without a result (QEMU status {vm.returncode})"
