@@ -135,12 +135,13 @@ def test_pyvhost_source_files_and_modules_in_the_guest(
     script = textwrap.dedent(
         """
         import hashlib, json, os, pathlib, sys
-        import pyvhost, pyvhost.kernel
+        import pytest, pyvhost, pyvhost.kernel
         out = pathlib.Path(os.environ["PYGUEST_OUT"])
         (out / "nested").mkdir()
         (out / "nested" / "echo.bin").write_bytes(pathlib.Path("blob.bin").read_bytes()[::-1])
         print(json.dumps({
             "pyvhost": pyvhost.__file__,
+            "pytest": pytest.__version__,
             "cwd": os.getcwd(),
             "inline": pathlib.Path("deep/inline.txt").read_text(),
             "folder": pathlib.Path("tree/sub/note.txt").read_text(),
@@ -164,6 +165,7 @@ def test_pyvhost_source_files_and_modules_in_the_guest(
     ).check()
     found = json.loads(result.stdout)
     assert found["pyvhost"] == "/pyguest/src/pyvhost/__init__.py"
+    assert found["pytest"].split(".")[0].isdigit()
     assert found["cwd"] == "/pyguest/files"
     assert (found["inline"], found["folder"]) == ("inline\n", "in a folder\n")
     assert (found["argv"], found["env"]) == (["one", "two"], "42")

@@ -549,9 +549,12 @@ def run_in_guest(
         try:
             vm.wait(timeout)
         except PeerError as e:
+            init_output = vm.serial_text(port).replace("PYVHOST-RESULT-BEGIN", "").strip()
             raise PyGuestTimeoutError(
                 f"guest did not finish within {timeout:g} s (boot included); QEMU killed\n"
-                f"{str(e).splitlines()[0]}\nconsole (tail):\n{vm.console[-CONSOLE_TAIL:]}"
+                f"{str(e).splitlines()[0]}\n"
+                + (f"init/runner output:\n{init_output[-2000:]}\n" if init_output else "")
+                + f"console (tail):\n{vm.console[-CONSOLE_TAIL:]}"
             ) from e
         finally:
             vm.stop()
