@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvhost.closing import Closing
+from pyvhost.control import RingAddresses, region_for
 from pyvhost.errors import VhostError
 from pyvhost.kernel.ioctl import (
     INT,
@@ -33,6 +34,7 @@ from pyvhost.kernel.ioctl import (
     MemoryRegion,
     encode_memory,
 )
+from pyvhost.virtio.memory import DirtyLog, GuestMemory
 
 __all__ = ["IotlbMessage", "KernelVhostError", "VhostKernelDevice"]
 
@@ -128,6 +130,8 @@ class VhostKernelDevice(Closing):
                     "open", self.path, exc.errno or errno.EIO, _open_meaning(exc)
                 ) from exc
         self.fd: int = fd
+        self.memory: GuestMemory | None = None
+        """The guest memory given to :meth:`set_memory`: keep it mapped while the device runs."""
         self._closed = False
 
     @property
@@ -331,6 +335,43 @@ class VhostKernelDevice(Closing):
             err = exc.errno or errno.EIO
             raise KernelVhostError("IOTLB read", self.path, err, os.strerror(err).lower()) from exc
         return IotlbMessage.decode(data, v2)
+
+    # --- the control interface shared with vhost-user (pyvhost.control) ----------------------
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """VHOST_SET_MEM_TABLE naming each region by where this process maps it.
+
+        The kernel reads and writes guest memory through those mappings: ``memory`` must stay
+        open, and its regions mapped, for as long as the device uses them.
+        """
+        self.set_mem_table(
+            [MemoryRegion(r.guest_phys_addr, r.size, r.host_address) for r in memory.regions]
+        )
+        self.memory = memory
+
+    def set_dirty_log(self, log: DirtyLog, fd: int) -> None:
+        """VHOST_SET_LOG_BASE at this process's mapping of ``log`` (``fd`` is not needed)."""
+        del fd
+        self.set_log_base(log.host_address)
+
+    def set_ring_addresses(self, index: int, ring: RingAddresses) -> None:
+        """VHOST_SET_VRING_ADDR from guest-physical addresses in the memory given last."""
+        self.set_vring_addr(
+            index,
+            desc=self._host(ring.desc, f"vring {index} descriptor area"),
+            used=self._host(ring.device, f"vring {index} device area"),
+            avail=self._host(ring.driver, f"vring {index} driver area"),
+            log_guest_addr=ring.device,
+            log=ring.log,
+        )
+
+    def _host(self, gpa: int, what: str) -> int:
+        region, offset = region_for(self.memory, gpa, what)
+        return region.host_address + offset
+
+    def enable_ring(self, index: int) -> None:
+        """Nothing to do: the kernel's rings run once kicked (vDPA overrides this)."""
+        del index
 
 
 def _open_meaning(exc: OSError) -> str:

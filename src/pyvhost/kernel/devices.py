@@ -18,7 +18,10 @@ from pyvhost.kernel.ioctl import (
     Ioctl,
 )
 
-__all__ = ["VhostNet", "VhostScsi", "VhostVdpa", "VhostVsock"]
+__all__ = ["VHOST_NET_F_VIRTIO_NET_HDR", "VhostNet", "VhostScsi", "VhostVdpa", "VhostVsock"]
+
+VHOST_NET_F_VIRTIO_NET_HDR = 27
+"""vhost-net feature bit: the kernel adds and strips the virtio-net header (the TAP has none)."""
 
 
 class VhostNet(VhostKernelDevice):
@@ -122,6 +125,10 @@ class VhostVdpa(VhostKernelDevice):
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """VHOST_VDPA_SET_VRING_ENABLE."""
         self._state(Ioctl.VDPA_SET_VRING_ENABLE, index, int(enable))
+
+    def enable_ring(self, index: int) -> None:
+        """VHOST_VDPA_SET_VRING_ENABLE: a vDPA device waits for it before using a ring."""
+        self.set_vring_enable(index, True)
 
     def get_vring_num(self) -> int:
         """VHOST_VDPA_GET_VRING_NUM: the largest ring size the device supports."""
