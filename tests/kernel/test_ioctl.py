@@ -78,7 +78,7 @@ def test_newer_requests_follow_the_encoding() -> None:
     assert k.iow(0x15, 8) == k.Ioctl.ATTACH_VRING_WORKER
     assert k.iowr(0x16, 8) == k.Ioctl.GET_VRING_WORKER
     assert k.io(0x7E) == k.Ioctl.VDPA_RESUME
-    assert k.Ioctl.SET_OWNER == 0xAF01 and k.Ioctl.GET_FEATURES == 0x8008AF00
+    assert int(k.Ioctl.SET_OWNER) == 0xAF01 and int(k.Ioctl.GET_FEATURES) == 0x8008AF00
 
 
 def test_struct_sizes_match_the_header(from_c: dict[str, int]) -> None:
