@@ -2,7 +2,8 @@
 (``--kernel``) offers.
 
 Kernel devices are asked with read-only ioctls (GET_FEATURES, GET_BACKEND_FEATURES; vhost-scsi its
-ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER.
+ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER. A driver
+without GET_BACKEND_FEATURES (vhost-scsi in Linux 6.1) shows ``backend_features`` as null.
 
 Read-only: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (only MQ, CONFIG and CONFIGURE_MEM_SLOTS, the
 bits the queries below need), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG, then a plain hang-up.
@@ -20,6 +21,7 @@ bytes (the virtio-blk config sizes; no other common device has one in that range
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import struct
 import sys
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvhost.errors import ReplyError, VhostError
-from pyvhost.kernel import VhostScsi, VhostVdpa, open_device
+from pyvhost.kernel import KernelVhostError, VhostKernelDevice, VhostScsi, VhostVdpa, open_device
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_PROTOCOL_FEATURES,
@@ -217,7 +219,7 @@ def probe_kernel(path: str) -> dict[str, Any]:
             "device": path,
             "features": features,
             "feature_names": feature_names(features),
-            "backend_features": device.get_backend_features(),
+            "backend_features": _backend_features(device),
         }
         if isinstance(device, VhostScsi):
             result["abi_version"] = device.get_abi_version()
@@ -228,11 +230,24 @@ def probe_kernel(path: str) -> dict[str, Any]:
     return result
 
 
+def _backend_features(device: VhostKernelDevice) -> int | None:
+    """GET_BACKEND_FEATURES, or None from a driver without it: its ioctl then falls through to the
+    generic requests, which answer EPERM to a non-owner (ENOTTY to the owner)."""
+    try:
+        return device.get_backend_features()
+    except KernelVhostError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTTY):
+            return None
+        raise
+
+
 def _kernel_text(result: dict[str, Any]) -> str:
+    backend = result["backend_features"]
+    shown = "none (no GET_BACKEND_FEATURES in this driver)" if backend is None else f"{backend:#x}"
     lines = [
         f"device:           {result['device']}",
         f"features:         {result['features']:#x} ({' '.join(result['feature_names'])})",
-        f"backend features: {result['backend_features']:#x}",
+        f"backend features: {shown}",
     ]
     for key in ("abi_version", "device_id", "queue_num", "config"):
         if key in result:
