@@ -2,7 +2,8 @@
 (``--kernel``) offers.
 
 Kernel devices are asked with read-only ioctls (GET_FEATURES, GET_BACKEND_FEATURES; vhost-scsi its
-ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER.
+ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER. A driver
+without GET_BACKEND_FEATURES (vhost-scsi in Linux 6.1) shows ``backend_features`` as null.
 
 Read-only: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (only MQ, CONFIG and CONFIGURE_MEM_SLOTS, the
 bits the queries below need), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG, then a plain hang-up.
@@ -25,6 +26,7 @@ VHOST_VDPA_GET_DEVICE_ID; ``--device-type`` names the bits of a vdpa device of a
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import struct
 import sys
@@ -33,6 +35,7 @@ from typing import Any
 
 from pyvhost.errors import ReplyError, VhostError
 from pyvhost.kernel import (
+    KernelVhostError,
     VhostKernelDevice,
     VhostNet,
     VhostScsi,
@@ -277,7 +280,7 @@ def probe_kernel(path: str, device_type: str | None = None) -> dict[str, Any]:
             "device_type_from": source if told is not None else None,
             "features": features,
             "feature_names": feature_names(features, told),
-            "backend_features": device.get_backend_features(),
+            "backend_features": _backend_features(device),
         }
         if isinstance(device, VhostScsi):
             result["abi_version"] = device.get_abi_version()
@@ -288,13 +291,26 @@ def probe_kernel(path: str, device_type: str | None = None) -> dict[str, Any]:
     return result
 
 
+def _backend_features(device: VhostKernelDevice) -> int | None:
+    """GET_BACKEND_FEATURES, or None from a driver without it: its ioctl then falls through to the
+    generic requests, which answer EPERM to a non-owner (ENOTTY to the owner)."""
+    try:
+        return device.get_backend_features()
+    except KernelVhostError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTTY):
+            return None
+        raise
+
+
 def _kernel_text(result: dict[str, Any]) -> str:
     device_type = _device_text(result["device_type"], result["device_type_from"])
+    backend = result["backend_features"]
+    shown = "none (no GET_BACKEND_FEATURES in this driver)" if backend is None else f"{backend:#x}"
     lines = [
         f"device:           {result['device']}",
         f"device type:      {device_type}",
         f"features:         {result['features']:#x} ({' '.join(result['feature_names'])})",
-        f"backend features: {result['backend_features']:#x}",
+        f"backend features: {shown}",
     ]
     for key in ("abi_version", "device_id", "queue_num", "config"):
         if key in result:

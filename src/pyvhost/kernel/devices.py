@@ -36,7 +36,8 @@ class VhostNet(VhostKernelDevice):
 
 
 class VhostVsock(VhostKernelDevice):
-    """``/dev/vhost-vsock``: rings 0 (receive), 1 (transmit), 2 (events) of a guest CID."""
+    """``/dev/vhost-vsock``: rings 0 (receive) and 1 (transmit) of a guest CID; the event ring
+    (2) is not the kernel's (the VMM serves it), so ring index 2 is out of range (ENOBUFS)."""
 
     default_path = "/dev/vhost-vsock"
 
