@@ -12,7 +12,6 @@ file from ``$PYGUEST_FILES`` after passing it in ``files=`` (see :data:`GUEST_NA
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,14 +124,3 @@ def leftovers() -> list[str]:
             if hba.is_dir() and hba.name != "alua":
                 found += [f"core/{hba.name}/{p.name}" for p in hba.iterdir() if p.is_dir()]
     return sorted(found)
-
-
-def modules_loaded() -> set[str]:
-    """Names of the loaded kernel modules (from /proc/modules)."""
-    with open("/proc/modules") as f:
-        return {line.split()[0] for line in f}
-
-
-def configfs_mounted() -> bool:
-    """Whether configfs is mounted where LIO keeps its tree."""
-    return os.path.ismount("/sys/kernel/config")
