@@ -1,4 +1,4 @@
-"""virtio feature bit numbers (common, virtio-blk, virtio-net), a bit-to-name table, bit helpers.
+"""virtio feature bit numbers (common, virtio-blk, -net, -scsi), a bit-to-name table, bit helpers.
 
 Plain constants so that vhost code and device code share one spelling; knows nothing of vhost
 beyond naming the two vhost-user bits (26 LOG_ALL, 30 PROTOCOL_FEATURES) for readable traces.
@@ -86,6 +86,12 @@ NET_F_RSC_EXT = 61
 NET_F_STANDBY = 62
 NET_F_SPEED_DUPLEX = 63
 
+# virtio-scsi.
+SCSI_F_INOUT = 0
+SCSI_F_HOTPLUG = 1
+SCSI_F_CHANGE = 2
+SCSI_F_T10_PI = 3
+
 
 def bit_mask(*bits: int) -> int:
     """The feature word with exactly ``bits`` set."""
@@ -114,13 +120,13 @@ COMMON_FEATURES: Mapping[int, str] = _table("F_")
 """Device-independent bits, including the vhost-user LOG_ALL and PROTOCOL_FEATURES."""
 
 DEVICE_FEATURES: Mapping[str, Mapping[int, str]] = MappingProxyType(
-    {"blk": _table("BLK_F_"), "net": _table("NET_F_")}
+    {"blk": _table("BLK_F_"), "net": _table("NET_F_"), "scsi": _table("SCSI_F_")}
 )
 """Device-specific bits by device name."""
 
 
 def feature_names(bits: int, device: str | None = None) -> list[str]:
-    """Name every set bit; device bits need ``device`` ("blk", "net"), else they are ``bit<N>``."""
+    """Name every set bit; device bits need ``device`` ("blk", "net", "scsi"), else ``bit<N>``."""
     device_table = DEVICE_FEATURES.get(device, {}) if device else {}
     names: list[str] = []
     bit = 0
