@@ -13,7 +13,7 @@ import pytest
 from pyvhost.errors import ScsiFormatError, VhostError
 from pyvhost.virtio import features as vf
 from pyvhost.virtio import scsi
-from pyvhost.virtio.scsi import commands, sense, transport
+from pyvhost.virtio.scsi import client, commands, sense, transport
 
 VIRTIO_HEADER = Path("/usr/include/linux/virtio_scsi.h")
 SCSI_HEADER = Path("/usr/include/scsi/scsi.h")
@@ -549,8 +549,9 @@ def test_sense_malformed(raw: bytes, field: str, message: str) -> None:
     assert message in str(caught.value)
 
 
-def test_every_module_exports_what_it_defines() -> None:
-    for module in (transport, commands, sense):
+def test_the_package_exports_what_its_modules_define() -> None:
+    modules = (transport, commands, sense, client)
+    for module in modules:
         for name in module.__all__:
             assert getattr(module, name) is getattr(scsi, name, getattr(module, name))
-    assert set(scsi.__all__) <= {n for m in (transport, commands, sense) for n in m.__all__}
+    assert set(scsi.__all__) <= {n for m in modules for n in m.__all__}

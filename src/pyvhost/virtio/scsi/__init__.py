@@ -2,10 +2,12 @@
 
 ``transport`` is virtio-scsi itself (request and response headers, control requests, events, the
 config space, the LUN field); ``commands`` builds the SCSI commands a block driver needs and
-parses what they return; ``sense`` reads status and sense data. Nothing here touches a ring or a
-device: a driver on rings (vhost-scsi in the kernel, a vhost-user device) lays the bytes out.
+parses what they return; ``sense`` reads status and sense data; ``client`` runs commands over
+any :class:`~pyvhost.virtio.scsi.client.Transport` (submit a chain, wait for it). Nothing here
+touches a ring or a device: a driver on rings (kernel vhost-scsi, a vhost-user device) does.
 """
 
+from pyvhost.virtio.scsi.client import Completion, ScsiClient, ScsiCommandError, Transport
 from pyvhost.virtio.scsi.commands import (
     Capacity,
     Command,
@@ -69,6 +71,7 @@ __all__ = [
     "CmdReq",
     "CmdResp",
     "Command",
+    "Completion",
     "ControlType",
     "Event",
     "EventType",
@@ -78,6 +81,8 @@ __all__ = [
     "ReportLuns",
     "ResetReason",
     "Response",
+    "ScsiClient",
+    "ScsiCommandError",
     "ScsiConfig",
     "Sense",
     "SenseKey",
@@ -86,6 +91,7 @@ __all__ = [
     "TmfReq",
     "TmfResp",
     "TmfSubtype",
+    "Transport",
     "asc_name",
     "inquiry",
     "parse_inquiry",
