@@ -19,8 +19,8 @@ from typing import Any
 
 MODULES: tuple[str, ...] = ("target_core_mod", "target_core_file", "vhost_scsi")
 """For ``run_in_guest(modules=...)``. A chroot without module autoloading needs the backstore's
-module loaded by hand (GUEST.md); vhost_scsi must be loaded before rtslib looks for the vhost
-fabric, since rtslib would try ``modprobe tcm_vhost``, the driver's pre-3.12 name."""
+module loaded by hand (GUEST.md). rtslib would load the fabric itself as ``tcm_vhost`` (the
+driver's old name, still an alias of vhost_scsi in 6.1), but loading it up front is simpler."""
 GUEST_NAME = "lio.py"
 """The name to give this file in ``run_in_guest(files=...)``."""
 CONFIGFS = Path("/sys/kernel/config/target")
