@@ -23,16 +23,17 @@ ROOT = "pyvhost"
 # every other top-level module (errors, closing, the package's own __init__) is in BASE.
 # cli sits above check: the check command uses the check package, never the reverse.
 LAYERS: dict[str, tuple[int, str]] = {
-    "__main__": (9, "tools: cli"),
-    "cli": (9, "tools: cli"),
-    "check": (8, "tools: check"),
-    "devices": (7, "devices"),
+    "__main__": (10, "tools: cli"),
+    "cli": (10, "tools: cli"),
+    "check": (9, "tools: check"),
+    "devices": (8, "devices"),
     # pyvhost.testing: test-double devices on the vhost-user layer (comes with the daemon rework).
-    "testing": (7, "devices"),
-    "daemon": (6, "framework"),
-    "driver": (5, "driver"),
-    "user": (4, "vhost-user"),
-    "kernel": (3, "kernel"),
+    "testing": (8, "devices"),
+    "daemon": (7, "framework"),
+    "driver": (6, "driver"),
+    "user": (5, "vhost-user"),
+    "kernel": (4, "kernel"),
+    "control": (3, "control: the interface kernel and user vhost share"),
     "virtio": (2, "virtio"),
 }
 BASE = (1, "base: top-level modules")

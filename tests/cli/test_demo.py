@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from pyvhost.cli.demo import format_report
+from pyvhost.cli.demo import _check_image, format_report
+from pyvhost.cli.exercise import ExerciseResult, pattern
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,3 +47,17 @@ def test_demo_json() -> None:
 def test_demo_report_on_failure() -> None:
     text = format_report({"ok": False, "fatal": "the back-end did not start (exit status 1)"})
     assert "FAILED" in text and "did not start" in text
+
+
+def test_image_check_of_a_run_shorter_than_one_pass(tmp_path: Path) -> None:
+    """A slow run (coverage, a busy machine) may end before writing every block: those blocks
+    must still be zeros, and data there is reported."""
+    bs = 4096
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(bs, 0, 0) + bytes(3 * bs))
+    result = ExerciseResult("sock", block_size=bs, region=4 * bs, passes=0, next_block=1)
+    assert _check_image(image, result) == (4 * bs, None)
+    image.write_bytes(pattern(bs, 0, 0) + bytes(2 * bs) + b"\x01" + bytes(bs - 1))
+    checked, problem = _check_image(image, result)
+    assert checked == 3 * bs
+    assert problem == "image file: block 3 was never written, holds data"

@@ -125,10 +125,10 @@ class FlippingRamDisk(Device):
             return chain.write_at(0, b"\0")
         if rtype == 0:  # IN
             n = chain.write_len - 1
-            data = bytearray(self.disk[off : off + n])
+            buf = bytearray(self.disk[off : off + n])
             if off <= self.bad_sector * 512 < off + n:
-                data[self.bad_sector * 512 - off + 100] ^= 0x01
-            return chain.write_at(0, bytes(data) + b"\0")
+                buf[self.bad_sector * 512 - off + 100] ^= 0x01
+            return chain.write_at(0, bytes(buf) + b"\0")
         if rtype == 8:  # GET_ID
             return chain.write_at(0, b"flipper".ljust(20, b"\0") + b"\0")
         if rtype == 4:  # FLUSH

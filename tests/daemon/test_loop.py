@@ -17,6 +17,8 @@ from pyvhost.errors import ReplyError
 from pyvhost.user.channel import BackendRequestHandler
 from pyvhost.user.messages import ProtocolFeature
 from pyvhost.virtio import features as vf
+from pyvhost.virtio.memory import GuestMemory
+from pyvhost.virtio.queue import DeviceQueue
 from pyvhost.virtio.split import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY
 
 from .rig import Rig, drain, readable
@@ -48,18 +50,18 @@ def test_requests_on_every_queue_are_processed(sock: str, no_fd_leak: None) -> N
 
 def test_many_chains_split_over_pieces_and_indirect(sock: str) -> None:
     with _serve(Upper(), sock).run_in_thread(), Rig(sock, qsize=16) as rig:
-        expected = {}
+        expected: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
         for i in range(40):  # more than the ring holds: wait and reuse descriptors
             if rig.rings[0].driver.num_free < 3:
                 for head, written in rig.wait_used(0, 1):
-                    out = expected.pop(head)
-                    assert rig.output(out[0], written) == out[1]
+                    buffers, want = expected.pop(head)
+                    assert rig.output(buffers, written) == want
             msg = f"chain number {i} ".encode() * 3
             head, out = rig.submit(0, [msg[:7], msg[7:]], [10, 100])
             expected[head] = (out, msg.upper())
         for head, written in rig.wait_used(0, len(expected)):
-            out = expected.pop(head)
-            assert rig.output(out[0], written) == out[1]
+            buffers, want = expected.pop(head)
+            assert rig.output(buffers, written) == want
         assert not expected
 
 
@@ -406,7 +408,7 @@ class LateCompleter(Device):
         self.completed_at: list[float] = []
         self.popped = threading.Event()
 
-    def handle_queue(self, index, queue, mem):  # type: ignore[no-untyped-def]
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
         chains = queue.pop_batch(16)
         if not chains:
             return

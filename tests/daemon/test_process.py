@@ -131,7 +131,7 @@ def test_driver_session_reconnects_and_gets_every_reply(workdir: Path) -> None:
                 session.view(src, len(w))[:] = w
                 subs[session.submit(0, [(src, len(w))], [(dst, 16)])] = (w, dst)
             session.kick(0)
-            done = []
+            done: list[tuple[int, int]] = []
             while len(done) < 3:
                 done += session.wait(0, 10)
             _kill(first)

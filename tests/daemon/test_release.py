@@ -70,7 +70,8 @@ def test_serve_holds_what_it_held_before_after_each_front_end(packed: bool) -> N
             socket=sock,
         ).start()
         try:
-            pid = serve.proc.pid
+            pid = serve.pid
+            assert pid is not None
             time.sleep(0.3)
             idle_fds, idle_threads = _fds(pid), _threads(pid)
             assert _shared_mappings(pid) == []
@@ -84,6 +85,6 @@ def test_serve_holds_what_it_held_before_after_each_front_end(packed: bool) -> N
                 assert _settled(pid, idle_fds) == idle_fds
                 assert _shared_mappings(pid) == [], "the front-end's memory is still mapped"
                 assert _threads(pid) == idle_threads
-            assert serve.proc.poll() is None
+            assert serve.returncode is None
         finally:
             serve.stop()

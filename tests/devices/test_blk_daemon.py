@@ -16,7 +16,7 @@ import pytest
 
 from pyvhost.daemon import Daemon
 from pyvhost.devices.blk import VIRTIO_BLK_S_IOERR, BlkDevice
-from pyvhost.driver.blk import BlkDriver, BlkRequestError
+from pyvhost.driver.blk import BlkCompletion, BlkDriver, BlkRequestError
 from pyvhost.driver.session import DriverSession
 from pyvhost.virtio import features as vf
 
@@ -112,7 +112,7 @@ def test_pipelined_requests_on_all_queues(
                 data = pattern(4 * SECTOR, seed=k * 7 + q)
                 expected[sector] = data
                 tokens.append(drv.submit_write(sector, data, queue=q))
-        done = []
+        done: list[BlkCompletion] = []
         deadline = time.monotonic() + 30
         while len(done) < len(tokens) and time.monotonic() < deadline:
             done += drv.reap(1.0)
@@ -121,7 +121,7 @@ def test_pipelined_requests_on_all_queues(
         reads = {
             drv.submit_read(s, 4 * SECTOR, queue=i % queues): s for i, s in enumerate(expected)
         }
-        got = []
+        got: list[BlkCompletion] = []
         while len(got) < len(reads) and time.monotonic() < deadline:
             got += drv.reap(1.0)
         assert {reads[c.token]: c.data for c in got} == expected
@@ -234,7 +234,7 @@ def test_restart_under_a_running_driver_loses_no_request(image: Path, sock: Path
             os.unlink(sock)
             server, server_pid = _start_server(sock, image, "serve")
             try:
-                done = []
+                done: list[BlkCompletion] = []
                 deadline = time.monotonic() + 30
                 while len(done) < len(tokens) + 1 and time.monotonic() < deadline:
                     done += drv.reap(1.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from peers.qemu import QemuStorageDaemon
-from pyvhost.driver.blk import SECTOR_SIZE, BlkDriver, BlkRequestError
+from pyvhost.driver.blk import SECTOR_SIZE, BlkCompletion, BlkDriver, BlkRequestError
 from pyvhost.driver.session import DriverSession
 from pyvhost.user.frontend import Frontend
 from pyvhost.virtio import features as vf
@@ -131,7 +131,7 @@ def test_queue_depth_32(qsd2: QemuStorageDaemon, qsd_image: Path, shadow: Shadow
             blk.kick(0)
             blk.kick(1)
             assert blk.in_flight(0) == 32 and blk.in_flight(1) == 32
-            done = []
+            done: list[BlkCompletion] = []
             while len(done) < 64:
                 done += blk.reap(10)
             assert sorted(d.token for d in done) == sorted(tokens)
@@ -140,7 +140,7 @@ def test_queue_depth_32(qsd2: QemuStorageDaemon, qsd_image: Path, shadow: Shadow
         for start in range(0, len(sectors), 64):
             batch = sectors[start : start + 64]
             reads = {blk.submit_read(s, 8192, queue=k % 2): s for k, s in enumerate(batch)}
-            got = []
+            got: list[BlkCompletion] = []
             while len(got) < len(reads):
                 got += blk.reap(10)
             for d in got:
@@ -174,7 +174,7 @@ def test_indirect_descriptors(qsd: QemuStorageDaemon, qsd_image: Path, shadow: S
             shadow.write(2048 + i * 8, d)
             tokens.append(blk.submit_write(2048 + i * 8, d, kick=False))
         blk.kick()
-        done = []
+        done: list[BlkCompletion] = []
         while len(done) < 40:
             done += blk.reap(10)
         assert all(d.ok for d in done)
@@ -238,7 +238,7 @@ def test_reconnect_resubmits_in_flight_requests(
             sock.unlink(missing_ok=True)
             qsd = QemuStorageDaemon(qsd_image, sock).start()
             blk.kick()
-            done = []
+            done: list[BlkCompletion] = []
             while len(done) < 32:
                 done += blk.reap(10)
             assert sorted(d.token for d in done) == tokens

@@ -4,9 +4,11 @@ errors a device raises, on the host (no /dev/vhost-* here: those run in a guest)
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,7 +80,7 @@ def test_newer_requests_follow_the_encoding() -> None:
     assert k.iow(0x15, 8) == k.Ioctl.ATTACH_VRING_WORKER
     assert k.iowr(0x16, 8) == k.Ioctl.GET_VRING_WORKER
     assert k.io(0x7E) == k.Ioctl.VDPA_RESUME
-    assert k.Ioctl.SET_OWNER == 0xAF01 and k.Ioctl.GET_FEATURES == 0x8008AF00
+    assert int(k.Ioctl.SET_OWNER) == 0xAF01 and int(k.Ioctl.GET_FEATURES) == 0x8008AF00
 
 
 def test_struct_sizes_match_the_header(from_c: dict[str, int]) -> None:
@@ -161,3 +163,57 @@ def test_scsi_target_refuses_a_bad_wwpn() -> None:
         _target("x" * 224, 1)
     with pytest.raises(ValueError, match="TPG tag"):
         _target("naa.1", 70000)
+
+
+FAILURES = [
+    (lambda d: d.set_features(1), errno.EOPNOTSUPP, "VHOST_SET_FEATURES", "EOPNOTSUPP (features"),
+    (lambda d: d.set_vring_num(2, 256), errno.ENOBUFS, "VHOST_SET_VRING_NUM", "ring index out of"),
+    (lambda d: d.reset_owner(), errno.EFAULT, "VHOST_RESET_OWNER", "not supported by this driver"),
+    (lambda d: d.set_vring_base(0, 1 << 16), errno.EINVAL, "VHOST_SET_VRING_BASE", "above 65535"),
+    (lambda d: d.get_vring_endian(0), errno.ENOTTY, "VHOST_GET_VRING_ENDIAN", "CROSS_ENDIAN"),
+    (lambda d: d.set_mem_table([]), errno.E2BIG, "VHOST_SET_MEM_TABLE", "max_mem_regions"),
+    (lambda d: d.new_worker(), errno.ENOTTY, "VHOST_NEW_WORKER", "not supported by this kernel"),
+    (lambda d: d.free_worker(7), errno.ENOBUFS, "VHOST_FREE_WORKER", "not supported by this"),
+    (lambda d: d.get_vring_worker(0), errno.ENOTTY, "VHOST_GET_VRING_WORKER", "Linux 6.5"),
+    (lambda d: d.set_backend(0, 5), errno.ENOTSOCK, "VHOST_NET_SET_BACKEND", "TAP, TUN or AF_"),
+    (lambda d: d.set_backend(0, 5), errno.EFAULT, "VHOST_NET_SET_BACKEND", "no memory table"),
+]
+
+
+@pytest.mark.parametrize(("call", "err", "request_name", "meaning"), FAILURES)
+def test_errnos_the_guest_kernel_returns_have_meanings(
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[VhostNet], object],
+    err: int,
+    request_name: str,
+    meaning: str,
+) -> None:
+    """The errno of a failed ioctl as the 6.1 guest kernel returns it (tests in
+    test_kernel_guest.py) becomes its meaning for that request, with the kernel's errno name."""
+
+    def fail(*args: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    with VhostNet("/dev/vhost-net", fd=fd) as dev, monkeypatch.context() as patch:
+        patch.setattr(fcntl, "ioctl", fail)
+        with pytest.raises(KernelVhostError) as info:
+            call(dev)
+    assert str(info.value).startswith(f"{request_name} on /dev/vhost-net: ")
+    assert meaning in str(info.value)
+    assert info.value.errno == err
+
+
+def test_iotlb_errnos_have_meanings(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object) -> None:
+        raise OSError(errno.EFAULT, "Bad address")
+
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    with VhostNet("/dev/vhost-net", fd=fd) as dev, monkeypatch.context() as patch:
+        patch.setattr(os, "write", fail)
+        with pytest.raises(KernelVhostError) as info:
+            dev.write_iotlb(IotlbMessage(IotlbType.UPDATE, 0, 0x1000, 0x7F00_0000_0000, 3))
+    assert str(info.value) == (
+        "IOTLB UPDATE write on /dev/vhost-net: EFAULT (entry refused: no IOTLB until "
+        "VIRTIO_F_ACCESS_PLATFORM is acked)"
+    )

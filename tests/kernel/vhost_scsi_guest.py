@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, os.environ["PYGUEST_FILES"])
 
-import lio
+import lio  # type: ignore[import-not-found]  # from $PYGUEST_FILES in the guest
 
 from pyvhost.kernel import KernelVhostError, VhostScsi
 

@@ -77,7 +77,14 @@ def create_target(
     rtslib gives a new vhost TPG its I_T nexus (a random ``naa.`` initiator name), without
     which the fabric answers no command; :attr:`LioTarget.nexus` says which.
     """
-    from rtslib_fb import LUN, TPG, FabricModule, FileIOStorageObject, RTSRoot, Target
+    from rtslib_fb import (  # type: ignore[import-not-found]  # guest-only, untyped (Debian)
+        LUN,
+        TPG,
+        FabricModule,
+        FileIOStorageObject,
+        RTSRoot,
+        Target,
+    )
 
     DBROOT.mkdir(parents=True, exist_ok=True)
     RTSRoot()

@@ -465,7 +465,9 @@ def channel_between(
 
         return record
 
-    handler = BackendRequestHandler(**{name: recorder(r) for r, name in CALLBACKS.items()})
+    handler = BackendRequestHandler()
+    for r, name in CALLBACKS.items():
+        setattr(handler, name, recorder(r))
     handler.negotiation = lambda: receiver
     a, b = socketpair()
     handler.start(a)

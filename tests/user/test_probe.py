@@ -131,6 +131,38 @@ def test_blk_recognised_by_config_size(tmp_sock: Path, capsys: pytest.CaptureFix
     assert "\nqueues:" not in out  # MQ not offered
 
 
+def test_device_type_given_wins_over_the_config_size(
+    tmp_sock: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    be = ScriptedBackend(tmp_sock, 60, 1 << PF.CONFIG)
+    assert probe.run(_args("--socket", str(tmp_sock), "--device-type", "vsock", "--json")) == 0
+    be.close()
+    out = json.loads(capsys.readouterr().out)
+    assert (out["device_type"], out["device_type_from"]) == ("vsock", "given")
+    assert "blk" not in out and out["config_size"] == 60
+    assert out["feature_names"] == ["PROTOCOL_FEATURES", "VERSION_1"]
+
+
+def test_device_type_unknown_says_how_to_name_it(
+    tmp_sock: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    be = ScriptedBackend(tmp_sock, 44, 1 << PF.CONFIG)
+    assert probe.run(_args("--socket", str(tmp_sock))) == 0
+    be.close()
+    out = capsys.readouterr().out
+    assert (
+        "device type: not known (device bits show as bit<N>; name them with --device-type)" in out
+    )
+
+
+def test_blk_by_config_size_says_so(tmp_sock: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    be = ScriptedBackend(tmp_sock, 60, 1 << PF.CONFIG)
+    assert probe.run(_args("--socket", str(tmp_sock), "--json")) == 0
+    be.close()
+    out = json.loads(capsys.readouterr().out)
+    assert (out["device_type"], out["device_type_from"]) == ("blk", "config size")
+
+
 def test_config_not_offered(tmp_sock: Path, capsys: pytest.CaptureFixture[str]) -> None:
     be = ScriptedBackend(tmp_sock, 60, 0)
     assert probe.run(_args("--socket", str(tmp_sock), "--json")) == 0
@@ -216,3 +248,15 @@ def test_probe_qsd_human_and_json(qsd: QemuStorageDaemon) -> None:
     assert int.from_bytes(config[:8], "little") == IMAGE_SIZE // 512
     assert out["blk"]["num_queues"] == 2
     assert qsd.returncode is None
+
+
+@pytest.mark.qemu
+def test_probe_qsd_names_blk_bits(qsd: QemuStorageDaemon) -> None:
+    proc = _cli("--socket", str(qsd.socket), "--device-type", "blk", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["device_type"], out["device_type_from"]) == ("blk", "given")
+    names = out["feature_names"]
+    assert {"SEG_MAX", "BLK_SIZE", "FLUSH", "MQ", "VERSION_1"} <= set(names), names
+    assert not [n for n in names if n.startswith("bit")], names
+    assert out["blk"]["num_queues"] == 2

@@ -144,48 +144,6 @@ def test_killed_back_end_chains_are_recovered_in_pop_order(fmt: str, no_fd_leak:
     assert resumed == [i for i in added if i not in collected]
 
 
-def _run_child_and_kill(args: list[object], fds: tuple[int, int], mode: str, seed: int) -> None:
-    """Start the child back-end (it takes the second fd over), SIGKILL it once it is working."""
-    proc = subprocess.Popen(
-        ["timeout", "60", sys.executable, "-c", CHILD, *map(str, args)],
-        pass_fds=fds,
-        stdout=subprocess.PIPE,
-    )
-    os.close(fds[1])
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, "child back-end died before it was ready"
-        if mode == "random":
-            time.sleep(random.Random(seed).uniform(0.002, 0.02))
-        os.kill(int(line), signal.SIGKILL)
-        assert proc.wait(timeout=20) in (-signal.SIGKILL, 128 + signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
-def _resume(mem: GuestMemory, layout: tuple[int, ...], region: InflightRegion) -> list[int]:
-    """A new back-end on the adopted region: the ids recovered, then those it pops."""
-    if region.packed:
-        pdev = PackedQueue(mem, SIZE, *layout, inflight=region.packed_queue(0))
-        resumed = [c.head for c in pdev.recover_inflight()]
-        resumed += [c.head for c in pdev.pop_batch(SIZE)]
-        pdev.close()
-        return resumed
-    probe = SplitQueue(mem, SIZE, *layout)
-    used_ring_idx = probe.used_idx
-    probe.close()
-    heads = region.split_queue(0).recover(used_ring_idx)
-    sdev = SplitQueue(mem, SIZE, *layout, last_avail_idx=used_ring_idx + len(heads))
-    resumed = heads + [c.head for c in sdev.pop_batch(SIZE)]
-    sdev.close()
-    return resumed
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", ["split", "packed"])
 @pytest.mark.parametrize("seed", range(4))

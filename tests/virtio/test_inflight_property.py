@@ -7,13 +7,18 @@ import gc
 import itertools
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvhost.virtio.inflight import InflightRegion, PackedInflightQueue, SplitInflightQueue
+from pyvhost.virtio.inflight import (
+    InflightRegion,
+    PackedInflightEntry,
+    PackedInflightQueue,
+    SplitInflightQueue,
+)
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.packed import PackedDriver, PackedQueue, packed_layout
 from pyvhost.virtio.split import SplitDriver, SplitQueue, split_layout
@@ -28,6 +33,8 @@ class CrashError(Exception):
 
 
 class SplitHooks:
+    """The split tracker's hooks, raising :class:`CrashError` after publishing when ``crash``."""
+
     def __init__(self, tracker: SplitInflightQueue) -> None:
         self.tracker = tracker
         self.crash = False
@@ -46,8 +53,13 @@ class SplitHooks:
             raise CrashError
         self.tracker.after_publish(heads, used_idx)
 
+    def recover(self, used_ring_idx: int) -> list[int]:
+        return self.tracker.recover(used_ring_idx)
+
 
 class PackedHooks:
+    """The packed tracker's hooks, raising :class:`CrashError` at the ``crash`` publish point."""
+
     def __init__(self, tracker: PackedInflightQueue) -> None:
         self.tracker = tracker
         self.crash: str | None = None
@@ -69,6 +81,17 @@ class PackedHooks:
         if self.crash == "after":
             raise CrashError
         self.tracker.after_publish()
+
+    def recover(self, ring_flags: Callable[[int], int]) -> list[PackedInflightEntry]:
+        return self.tracker.recover(ring_flags)
+
+    @property
+    def used_idx(self) -> int:
+        return self.tracker.used_idx
+
+    @property
+    def used_wrap(self) -> bool:
+        return self.tracker.used_wrap
 
 
 def run_history(

@@ -155,7 +155,7 @@ def test_opcodes_not_in_glibc() -> None:
     """From Linux include/scsi/scsi_proto.h (SPC/SBC): not in this machine's headers."""
     assert (scsi.Opcode.READ_16, scsi.Opcode.WRITE_16) == (0x88, 0x8A)
     assert (scsi.Opcode.SERVICE_ACTION_IN_16, commands.SAI_READ_CAPACITY_16) == (0x9E, 0x10)
-    assert scsi.Opcode.REPORT_LUNS == 0xA0
+    assert int(scsi.Opcode.REPORT_LUNS) == 0xA0
 
 
 def test_numbers_the_header_leaves_out() -> None:

@@ -2,24 +2,31 @@
 (``--kernel``) offers.
 
 Kernel devices are asked with read-only ioctls (GET_FEATURES, GET_BACKEND_FEATURES; vhost-scsi its
-ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER.
+ABI version; vhost-vdpa its device id, config space and maximum ring size): no SET_OWNER. A driver
+without GET_BACKEND_FEATURES (vhost-scsi in Linux 6.1) shows ``backend_features`` as null.
 
 Read-only: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (only MQ, CONFIG and CONFIGURE_MEM_SLOTS, the
 bits the queries below need), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, GET_CONFIG, then a plain hang-up.
 No SET_OWNER, memory or vring is sent, so the back-end is left as it was and accepts the next
 front-end (qemu-storage-daemon, libvhost-user and rust-vmm back-ends answer these without owner).
 
-Config size: the spec has no request for it. With ``--config-size`` that size is asked; with
-``--device blk`` 60 bytes (what QEMU 7.2 asks of a block back-end); otherwise 256 (the maximum)
+Config size: the spec has no request for it. With ``--config-size`` that size is asked; for a
+block device 60 bytes (what QEMU 7.2 asks of a block back-end); otherwise 256 (the maximum)
 and, when the back-end refuses that (empty reply, as libvhost-user does past its config), the
 largest size it accepts, found by bisection. A shorter reply than asked is accepted.
-A device is shown as a block device with ``--device blk``, or when the size found is 57..96
-bytes (the virtio-blk config sizes; no other common device has one in that range).
+
+Device type (which names the device-specific feature bits, and for blk decodes the config): the
+vhost-user protocol carries no virtio device id, so for a socket it is ``--device-type`` (or
+``--device blk``); without one, a config of 57..96 bytes is taken as virtio-blk's (no other
+common device has one in that range) and any other device's bits stay ``bit<N>``. A kernel
+device tells its own: by its node (vhost-net, -vsock, -scsi) or, for vhost-vdpa, by
+VHOST_VDPA_GET_DEVICE_ID; ``--device-type`` names the bits of a vdpa device of another id.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import struct
 import sys
@@ -27,7 +34,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvhost.errors import ReplyError, VhostError
-from pyvhost.kernel import VhostScsi, VhostVdpa, open_device
+from pyvhost.kernel import (
+    KernelVhostError,
+    VhostKernelDevice,
+    VhostNet,
+    VhostScsi,
+    VhostVdpa,
+    VhostVsock,
+    open_device,
+)
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_PROTOCOL_FEATURES,
@@ -35,7 +50,7 @@ from pyvhost.user.messages import (
     ProtocolFeature,
     protocol_feature_names,
 )
-from pyvhost.virtio.features import feature_names
+from pyvhost.virtio.features import DEVICE_FEATURES, DEVICE_IDS, feature_names
 
 __all__ = [
     "BLK_CONFIG_SIZE",
@@ -104,6 +119,7 @@ class ProbeResult:
     config: bytes | None = None
     config_error: str | None = None
     device: str | None = None
+    device_from: str | None = None
     blk: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +135,8 @@ class ProbeResult:
             "config": None if self.config is None else self.config.hex(),
             "config_size": None if self.config is None else len(self.config),
             "device": self.device,
+            "device_type": self.device,
+            "device_type_from": self.device_from,
         }
         if self.config_error is not None:
             out["config_error"] = self.config_error
@@ -129,7 +147,10 @@ class ProbeResult:
 
     def to_text(self) -> str:
         """Human-readable lines: hex values with their names."""
-        lines = [f"socket: {self.socket}"]
+        lines = [
+            f"socket: {self.socket}",
+            f"device type: {_device_text(self.device, self.device_from)}",
+        ]
         names = "|".join(feature_names(self.features, self.device))
         lines.append(f"features: {self.features:#x} ({names})")
         if self.protocol_features is None:
@@ -152,6 +173,13 @@ class ProbeResult:
                 lines.append(f"  capacity: {capacity} sectors ({capacity * 512} bytes)")
             lines.extend(f"  {k}: {v}" for k, v in self.blk.items() if k != "capacity")
         return "\n".join(lines)
+
+
+def _device_text(device: str | None, source: str | None) -> str:
+    """``blk (given)``, ``net (from the device node)``, or how to name the device bits."""
+    if device is None:
+        return "not known (device bits show as bit<N>; name them with --device-type)"
+    return f"{device} ({'given' if source == 'given' else f'from the {source}'})"
 
 
 def _config_size(fe: Frontend) -> int:
@@ -185,7 +213,13 @@ def _read_config(fe: Frontend, size: int | None, device: str) -> bytes:
 def probe(
     path: str, *, timeout: float = 10.0, device: str = "auto", config_size: int | None = None
 ) -> ProbeResult:
-    """Connect to the back-end at ``path``, ask what it offers, hang up."""
+    """Connect to the back-end at ``path``, ask what it offers, hang up.
+
+    ``device``: a :data:`~pyvhost.virtio.features.DEVICE_FEATURES` type, or "auto" (blk when the
+    config size fits virtio-blk's, else not known).
+    """
+    if device != "auto" and device not in DEVICE_FEATURES:
+        raise ValueError(f"unknown device type {device!r}")
     with Frontend.connect(path, deadline=timeout, reply_timeout=timeout) as fe:
         result = ProbeResult(socket=path, features=fe.get_features())
         if result.features >> F_PROTOCOL_FEATURES & 1:
@@ -201,23 +235,52 @@ def probe(
                     result.config = _read_config(fe, config_size, device)
                 except ReplyError as exc:
                     result.config_error = str(exc)
-    if device == "blk" or (
-        device == "auto" and result.config is not None and len(result.config) in _BLK_SIZES
-    ):
-        result.device = "blk"
+    if device != "auto":
+        result.device, result.device_from = device, "given"
+    elif result.config is not None and len(result.config) in _BLK_SIZES:
+        result.device, result.device_from = "blk", "config size"
+    if result.device == "blk":
         result.blk = decode_blk_config(result.config or b"")
     return result
 
 
-def probe_kernel(path: str) -> dict[str, Any]:
-    """Ask the kernel vhost device at ``path`` what it offers (read-only ioctls, no owner)."""
+_KERNEL_TYPES: tuple[tuple[type[VhostKernelDevice], str], ...] = (
+    (VhostNet, "net"),
+    (VhostVsock, "vsock"),
+    (VhostScsi, "scsi"),
+)
+
+
+def _kernel_device_type(device: VhostKernelDevice) -> tuple[str | None, str | None]:
+    """The device type a kernel device tells, and how: by its node's class or its vdpa id."""
+    for cls, name in _KERNEL_TYPES:
+        if isinstance(device, cls):
+            return name, "device node"
+    if isinstance(device, VhostVdpa):
+        return DEVICE_IDS.get(device.get_device_id()), "vdpa device id"
+    return None, None
+
+
+def probe_kernel(path: str, device_type: str | None = None) -> dict[str, Any]:
+    """Ask the kernel vhost device at ``path`` what it offers (read-only ioctls, no owner).
+
+    ``device_type`` names the device bits when the device does not tell its type (a vdpa device
+    of an id with no table); it must agree with a type the device does tell.
+    """
     with open_device(path) as device:
+        told, source = _kernel_device_type(device)
+        if told is None and device_type is not None:
+            told, source = device_type, "given"
+        elif device_type not in (None, told):
+            raise VhostError(f"{path} is a {told} device, not {device_type}")
         features = device.get_features()
         result: dict[str, Any] = {
             "device": path,
+            "device_type": told,
+            "device_type_from": source if told is not None else None,
             "features": features,
-            "feature_names": feature_names(features),
-            "backend_features": device.get_backend_features(),
+            "feature_names": feature_names(features, told),
+            "backend_features": _backend_features(device),
         }
         if isinstance(device, VhostScsi):
             result["abi_version"] = device.get_abi_version()
@@ -228,11 +291,26 @@ def probe_kernel(path: str) -> dict[str, Any]:
     return result
 
 
+def _backend_features(device: VhostKernelDevice) -> int | None:
+    """GET_BACKEND_FEATURES, or None from a driver without it: its ioctl then falls through to the
+    generic requests, which answer EPERM to a non-owner (ENOTTY to the owner)."""
+    try:
+        return device.get_backend_features()
+    except KernelVhostError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTTY):
+            return None
+        raise
+
+
 def _kernel_text(result: dict[str, Any]) -> str:
+    device_type = _device_text(result["device_type"], result["device_type_from"])
+    backend = result["backend_features"]
+    shown = "none (no GET_BACKEND_FEATURES in this driver)" if backend is None else f"{backend:#x}"
     lines = [
         f"device:           {result['device']}",
+        f"device type:      {device_type}",
         f"features:         {result['features']:#x} ({' '.join(result['feature_names'])})",
-        f"backend features: {result['backend_features']:#x}",
+        f"backend features: {shown}",
     ]
     for key in ("abi_version", "device_id", "queue_num", "config"):
         if key in result:
@@ -271,11 +349,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="S",
         help="seconds to wait for the socket and for each reply (default 10)",
     )
-    parser.add_argument(
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--device-type",
+        choices=tuple(DEVICE_FEATURES),
+        default=None,
+        metavar="TYPE",
+        help="the virtio device behind the socket, to name its device feature bits (blk also "
+        "decodes the config): " + ", ".join(DEVICE_FEATURES) + ". A kernel device tells its "
+        "own (a vhost-vdpa one of an unnamed device id takes this)",
+    )
+    kind.add_argument(
         "--device",
         choices=("auto", "blk"),
         default="auto",
-        help="decode the config as this device (auto: blk when the config size fits)",
+        help="blk: as --device-type blk; auto (default): blk when the config size fits",
     )
     parser.add_argument(
         "--config-size",
@@ -290,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     """Probe and print; 0 on success, 1 with a one-line message on stderr on failure."""
     if args.kernel is not None:
         try:
-            found = probe_kernel(args.kernel)
+            found = probe_kernel(args.kernel, args.device_type)
         except VhostError as exc:
             print(f"pyvhost probe: {exc}", file=sys.stderr)
             return 1
@@ -298,7 +386,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         result = probe(
-            args.socket, timeout=args.timeout, device=args.device, config_size=args.config_size
+            args.socket,
+            timeout=args.timeout,
+            device=args.device_type or args.device,
+            config_size=args.config_size,
         )
     except (VhostError, OSError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__

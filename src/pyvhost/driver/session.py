@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Self
 
 from pyvhost.closing import Closing
+from pyvhost.control import RingAddresses, VhostControl, start_ring
 from pyvhost.errors import (
     ConnectionClosedError,
     GuestMemoryError,
@@ -41,11 +42,12 @@ from pyvhost.errors import (
     VhostError,
     VirtqueueError,
 )
+from pyvhost.kernel.device import VhostKernelDevice
 from pyvhost.user.frontend import Frontend
-from pyvhost.user.messages import Inflight, MemoryRegion, ProtocolFeature, VringAddr
+from pyvhost.user.messages import Inflight, ProtocolFeature
 from pyvhost.user.protocol import FRONTEND_PROTOCOL_FEATURES
 from pyvhost.virtio import features as vf
-from pyvhost.virtio.memory import GuestMemory
+from pyvhost.virtio.memory import DirtyLog, GuestMemory
 from pyvhost.virtio.packed import PackedDriver, encode_packed_base, packed_layout
 from pyvhost.virtio.split import SplitDriver, split_layout
 
@@ -151,10 +153,11 @@ class _Queue:
     kick_fd: int
     call_fd: int
     driver: SplitDriver | PackedDriver | None = None
-    addr: VringAddr | None = None
+    ring: RingAddresses | None = None
     by_head: dict[int, int] = field(default_factory=dict)
     pending: dict[int, _Pending] = field(default_factory=dict)
     done: list[tuple[int, int]] = field(default_factory=list)
+    calls: int = 0
 
 
 class DriverSession(Closing):
@@ -209,11 +212,22 @@ class DriverSession(Closing):
         self._inflight: Inflight | None = None
         self._inflight_fd: int | None = None
         self._frontend: Frontend | None = None
+        self._kernel: VhostKernelDevice | None = None
+        self.log_rings = False
+        self.dirty_log: DirtyLog | None = None
+        """The log given to :meth:`enable_dirty_log` (the caller owns and closes it)."""
+        """Rings are started with VHOST_VRING_F_LOG (used-ring writes logged; LOG_ALL acked)."""
         self._next_token = 1
         self._closed = False
         self._poll = select.poll()
         self._polled_sock: int | None = None
 
+        self._allocate(num_queues, queue_size, packed, mem_size, gpa_base)
+
+    def _allocate(
+        self, num_queues: int, queue_size: int, packed: bool, mem_size: int, gpa_base: int
+    ) -> None:
+        """The session's guest memory (rings first, then the buffer heap) and eventfds."""
         ring_bytes = num_queues * self._ring_span(queue_size, packed)
         if ring_bytes + _ALLOC_ALIGN > mem_size:
             raise ValueError(
@@ -288,6 +302,83 @@ class DriverSession(Closing):
             session.close()
             raise
         return session
+
+    @classmethod
+    def kernel(
+        cls,
+        device: VhostKernelDevice,
+        *,
+        num_queues: int = 1,
+        queue_size: int = 128,
+        features_mask: int = _ALL,
+        mem_size: int = 16 << 20,
+        indirect: bool = False,
+    ) -> Self:
+        """Drive a kernel vhost device: this process is the VMM and the guest driver.
+
+        SET_OWNER, features, the memory table (this process's own mapping of the session's
+        memory) and every ring, by the same requests a vhost-user session sends. The session
+        owns ``device`` from then on and closes it. Device-specific set-up (a TAP for vhost-net,
+        the CID for vhost-vsock) is the caller's, on ``device``, once the rings are started.
+        """
+        session = cls(
+            device.path,
+            num_queues=num_queues,
+            queue_size=queue_size,
+            features_mask=features_mask,
+            mem_size=mem_size,
+            indirect=indirect,
+            use_inflight=False,
+        )
+        session._kernel = device
+        try:
+            device.set_owner()
+            offered = device.get_features()
+            session.offered_features = offered
+            session.features = session._choose_features(offered)
+            device.set_features(session.features)
+            session._share_and_start(device, keep=False)
+        except BaseException:
+            session.close()
+            raise
+        log.info(
+            "%s: kernel driver session up: features %#x, %d queue(s) of %d",
+            device.path,
+            session.features,
+            num_queues,
+            queue_size,
+        )
+        return session
+
+    @property
+    def control(self) -> VhostControl:
+        """What the session sends its requests to: the vhost-user front-end or the device."""
+        if self._kernel is not None:
+            return self._kernel
+        return self.frontend
+
+    @property
+    def kernel_device(self) -> VhostKernelDevice | None:
+        """The kernel vhost device driven (None for a vhost-user session)."""
+        return self._kernel
+
+    def enable_dirty_log(self, log: DirtyLog, fd: int) -> None:
+        """Start logging as a migration does: log base, LOG_ALL acked, rings re-addressed with
+        their used-ring writes logged. ``fd`` is the log's memfd (sent to a user back-end)."""
+        if not vf.has_bit(self.offered_features, vf.F_LOG_ALL):
+            raise UnsupportedRequestError(
+                f"{self.path}: the back-end does not offer VHOST_F_LOG_ALL (bit {vf.F_LOG_ALL})"
+            )
+        control = self.control
+        control.set_dirty_log(log, fd)
+        self.dirty_log = log
+        self.features |= 1 << vf.F_LOG_ALL
+        control.set_features(self.features)
+        self.log_rings = True
+        for q in self.queues:
+            assert q.ring is not None
+            q.ring = RingAddresses(q.ring.desc, q.ring.driver, q.ring.device, log=True)
+            control.set_ring_addresses(q.index, q.ring)
 
     @property
     def frontend(self) -> Frontend:
@@ -368,20 +459,7 @@ class DriverSession(Closing):
                 fe.set_inflight_fd(self._inflight, self._inflight_fd)
         self.inflight_mode = inflight and self._inflight_fd is not None
 
-        region = self.mem.regions[0]
-        assert region.fd is not None
-        fe.setup_memory(
-            [
-                (
-                    MemoryRegion(region.guest_phys_addr, region.size, region.userspace_addr, 0),
-                    region.fd,
-                )
-            ]
-        )
-        for q in self.queues:
-            base = self._prepare_ring(q, keep=keep_rings)
-            assert q.addr is not None
-            fe.start_vring(q.index, q.size, q.addr, base, q.kick_fd, q.call_fd)
+        self._share_and_start(fe, keep=keep_rings)
         if fe.has_protocol_feature(PF.STATUS):
             fe.set_status(_STATUS_DRIVER_OK)
         sock = fe.conn.fileno()
@@ -400,9 +478,13 @@ class DriverSession(Closing):
             ", inflight tracking" if self.inflight_mode else "",
         )
 
-    def _uva(self, gpa: int) -> int:
-        region = self.mem.regions[0]
-        return region.userspace_addr + gpa - region.guest_phys_addr
+    def _share_and_start(self, control: VhostControl, *, keep: bool) -> None:
+        """Share the memory and start every ring: the same requests for kernel and user vhost."""
+        control.set_memory(self.mem)
+        for q in self.queues:
+            base = self._prepare_ring(q, keep=keep)
+            assert q.ring is not None
+            start_ring(control, q.index, q.size, q.ring, base, q.kick_fd, q.call_fd)
 
     def _prepare_ring(self, q: _Queue, *, keep: bool) -> int:
         """(Re)create the driver side of ring ``q``; return its SET_VRING_BASE value."""
@@ -432,13 +514,8 @@ class DriverSession(Closing):
                 event_idx=self.event_idx,
                 queue_index=q.index,
             )
-            q.addr = VringAddr(
-                q.index,
-                0,
-                self._uva(layout.desc_gpa),
-                self._uva(layout.device_event_gpa),
-                self._uva(layout.driver_event_gpa),
-                0,
+            q.ring = RingAddresses(
+                layout.desc_gpa, layout.driver_event_gpa, layout.device_event_gpa, self.log_rings
             )
             base = encode_packed_base(0, True, 0, True)
         else:
@@ -446,7 +523,7 @@ class DriverSession(Closing):
             q.driver = SplitDriver(
                 self.mem, q.size, desc, avail, used, event_idx=self.event_idx, queue_index=q.index
             )
-            q.addr = VringAddr(q.index, 0, self._uva(desc), self._uva(used), self._uva(avail), 0)
+            q.ring = RingAddresses(desc, avail, used, self.log_rings)
             base = 0
         if q.pending:
             for p in sorted(q.pending.values(), key=lambda p: p.token):
@@ -511,6 +588,10 @@ class DriverSession(Closing):
 
     def config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG: ``size`` bytes of the device config space at ``offset``."""
+        if self._kernel is not None:
+            raise UnsupportedRequestError(
+                f"{self.path}: a kernel vhost device has no config space (the VMM emulates it)"
+            )
         try:
             return self.frontend.get_config(offset, size)
         except _LOST as exc:
@@ -655,8 +736,20 @@ class DriverSession(Closing):
                     if fd == self._polled_sock:
                         self._check_socket()
                     else:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(fd)
+                        self._drain_call(fd)
+
+    def _drain_call(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            count = os.eventfd_read(fd)
+            for q in self.queues:
+                if q.call_fd == fd:
+                    q.calls += count
+
+    def notifications(self, queue: int) -> int:
+        """How many times the back-end signalled ``queue``'s call eventfd so far."""
+        q = self.queues[queue]
+        self._drain_call(q.call_fd)
+        return q.calls
 
     def _check_socket(self) -> None:
         """The control socket is readable outside a request: EOF / reset means the back-end died."""
@@ -691,6 +784,13 @@ class DriverSession(Closing):
         if self._closed:
             return
         self._closed = True
+        device, self._kernel = self._kernel, None
+        if device is not None:
+            with contextlib.suppress(VhostError, OSError):
+                for q in self.queues:
+                    if q.driver is not None:
+                        device.get_vring_base(q.index)
+            device.close()
         fe, self._frontend = self._frontend, None
         if fe is not None:
             with contextlib.suppress(VhostError, OSError, TimeoutError):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvhost.closing import Closing
+from pyvhost.control import RingAddresses, region_for
 from pyvhost.errors import VhostError
 from pyvhost.kernel.ioctl import (
     INT,
@@ -33,36 +34,63 @@ from pyvhost.kernel.ioctl import (
     MemoryRegion,
     encode_memory,
 )
+from pyvhost.virtio.memory import DirtyLog, GuestMemory
 
 __all__ = ["IotlbMessage", "KernelVhostError", "VhostKernelDevice"]
 
+_NO_WORKERS = "not supported by this kernel (per-ring workers need Linux 6.5 or later)"
+_NO_CROSS_ENDIAN = "not supported by this kernel (built without CONFIG_VHOST_CROSS_ENDIAN_LEGACY)"
+_NOT_READY = "no memory table, or a ring not set up or not mapped (in this process or the IOTLB)"
 _MEANINGS: dict[tuple[Ioctl | None, int], str] = {
     (Ioctl.SET_OWNER, errno.EBUSY): "device already has an owner",
+    # A driver without RESET_OWNER hands it to the ring requests, which read a ring index at 0.
+    (Ioctl.RESET_OWNER, errno.EFAULT): "not supported by this driver: close and reopen the device",
     (None, errno.ENOTTY): "not supported by this kernel",
     (None, errno.EPERM): "this process is not the device's owner (VHOST_SET_OWNER first)",
+    (None, errno.ENOBUFS): "ring index out of range",
+    (Ioctl.SET_MEM_TABLE, errno.E2BIG): "more regions than vhost's max_mem_regions (64 by default)",
+    (Ioctl.SET_MEM_TABLE, errno.EFAULT): "a region is outside this process's address space",
     (Ioctl.SET_VRING_ADDR, errno.EOPNOTSUPP): "ring flags other than VHOST_VRING_F_LOG",
-    (Ioctl.SET_VRING_ADDR, errno.EINVAL): "misaligned ring or log address",
+    (Ioctl.SET_VRING_ADDR, errno.EINVAL): (
+        "misaligned ring or log address, or (on a running ring) one outside this process"
+    ),
     (Ioctl.SET_VRING_NUM, errno.EINVAL): "ring size is 0, too large or not a power of two",
     (Ioctl.SET_VRING_NUM, errno.EBUSY): "the ring is running (detach its backend first)",
+    (Ioctl.SET_VRING_BASE, errno.EINVAL): "base above 65535 (split ring)",
     (Ioctl.SET_VRING_BASE, errno.EBUSY): "the ring is running (detach its backend first)",
+    (Ioctl.SET_VRING_ENDIAN, errno.ENOTTY): _NO_CROSS_ENDIAN,
+    (Ioctl.GET_VRING_ENDIAN, errno.ENOTTY): _NO_CROSS_ENDIAN,
     (Ioctl.SET_FEATURES, errno.EOPNOTSUPP): "features the device does not offer",
     (Ioctl.SET_BACKEND_FEATURES, errno.EOPNOTSUPP): "backend features the device does not offer",
-    (Ioctl.NET_SET_BACKEND, errno.EFAULT): "the ring has no size or addresses yet",
-    (Ioctl.NET_SET_BACKEND, errno.ENOTSOCK): "the backend fd is not a TAP or a socket",
-    (Ioctl.NET_SET_BACKEND, errno.ENOBUFS): "ring index out of range",
+    (Ioctl.NET_SET_BACKEND, errno.EFAULT): _NOT_READY,
+    (Ioctl.NET_SET_BACKEND, errno.ENOTSOCK): "the backend fd is not a TAP, TUN or AF_PACKET socket",
     (Ioctl.SCSI_SET_ENDPOINT, errno.ENODEV): "no LIO vhost target with that WWPN and TPGT",
     (Ioctl.SCSI_SET_ENDPOINT, errno.EEXIST): "the device already has an endpoint",
     (Ioctl.VSOCK_SET_GUEST_CID, errno.EADDRINUSE): "another device uses that CID",
     (Ioctl.VSOCK_SET_GUEST_CID, errno.EINVAL): "CID reserved (0, 1, 2, -1) or above 32 bits",
-    (Ioctl.NEW_WORKER, errno.ENOTTY): "per-ring workers need Linux 6.5 or later",
+    (Ioctl.VSOCK_SET_RUNNING, errno.EFAULT): _NOT_READY,
+    (Ioctl.NEW_WORKER, errno.ENOTTY): _NO_WORKERS,
+    (Ioctl.FREE_WORKER, errno.ENOTTY): _NO_WORKERS,
+    # Before 6.5 the ring requests read the worker id as a ring index.
+    (Ioctl.FREE_WORKER, errno.ENOBUFS): _NO_WORKERS,
+    (Ioctl.ATTACH_VRING_WORKER, errno.ENOTTY): _NO_WORKERS,
+    (Ioctl.GET_VRING_WORKER, errno.ENOTTY): _NO_WORKERS,
 }
+_IOTLB_MEANINGS = {
+    errno.EFAULT: "entry refused: no IOTLB until VIRTIO_F_ACCESS_PLATFORM is acked",
+    errno.EINVAL: "unknown message type, or an UPDATE or INVALIDATE of size 0",
+    errno.EBADFD: "no IOTLB until VIRTIO_F_ACCESS_PLATFORM is acked, so no miss can come",
+}
+"""What the errno of an IOTLB message read or write on the device fd means."""
+_ERRNO_NAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP"}
+"""The kernel's name where Python's table gives a userspace alias (ENOTSUP for 95)."""
 
 
 class KernelVhostError(VhostError):
     """A vhost ioctl failed: ``request``, ``path`` and ``errno`` say which, where and why."""
 
     def __init__(self, request: str, path: str, err: int, meaning: str) -> None:
-        name = errno.errorcode.get(err, f"errno {err}")
+        name = _ERRNO_NAMES.get(err) or errno.errorcode.get(err, f"errno {err}")
         super().__init__(f"{request} on {path}: {name} ({meaning})")
         self.request = request
         self.path = path
@@ -128,6 +156,8 @@ class VhostKernelDevice(Closing):
                     "open", self.path, exc.errno or errno.EIO, _open_meaning(exc)
                 ) from exc
         self.fd: int = fd
+        self.memory: GuestMemory | None = None
+        """The guest memory given to :meth:`set_memory`: keep it mapped while the device runs."""
         self._closed = False
 
     @property
@@ -315,7 +345,7 @@ class VhostKernelDevice(Closing):
         except OSError as exc:
             err = exc.errno or errno.EIO
             raise KernelVhostError(
-                f"IOTLB {message.type.name} write", self.path, err, os.strerror(err).lower()
+                f"IOTLB {message.type.name} write", self.path, err, _iotlb_meaning(err)
             ) from exc
         if written != len(data):
             raise KernelVhostError(
@@ -329,8 +359,49 @@ class VhostKernelDevice(Closing):
             data = os.read(self.fd, size)
         except OSError as exc:
             err = exc.errno or errno.EIO
-            raise KernelVhostError("IOTLB read", self.path, err, os.strerror(err).lower()) from exc
+            raise KernelVhostError("IOTLB read", self.path, err, _iotlb_meaning(err)) from exc
         return IotlbMessage.decode(data, v2)
+
+    # --- the control interface shared with vhost-user (pyvhost.control) ----------------------
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """VHOST_SET_MEM_TABLE naming each region by where this process maps it.
+
+        The kernel reads and writes guest memory through those mappings: ``memory`` must stay
+        open, and its regions mapped, for as long as the device uses them.
+        """
+        self.set_mem_table(
+            [MemoryRegion(r.guest_phys_addr, r.size, r.host_address) for r in memory.regions]
+        )
+        self.memory = memory
+
+    def set_dirty_log(self, log: DirtyLog, fd: int) -> None:
+        """VHOST_SET_LOG_BASE at this process's mapping of ``log`` (``fd`` is not needed)."""
+        del fd
+        self.set_log_base(log.host_address)
+
+    def set_ring_addresses(self, index: int, ring: RingAddresses) -> None:
+        """VHOST_SET_VRING_ADDR from guest-physical addresses in the memory given last."""
+        self.set_vring_addr(
+            index,
+            desc=self._host(ring.desc, f"vring {index} descriptor area"),
+            used=self._host(ring.device, f"vring {index} device area"),
+            avail=self._host(ring.driver, f"vring {index} driver area"),
+            log_guest_addr=ring.device,
+            log=ring.log,
+        )
+
+    def _host(self, gpa: int, what: str) -> int:
+        region, offset = region_for(self.memory, gpa, what)
+        return region.host_address + offset
+
+    def enable_ring(self, index: int) -> None:
+        """Nothing to do: the kernel's rings run once kicked (vDPA overrides this)."""
+        del index
+
+
+def _iotlb_meaning(err: int) -> str:
+    return _IOTLB_MEANINGS.get(err) or os.strerror(err).lower()
 
 
 def _open_meaning(exc: OSError) -> str:

@@ -18,7 +18,10 @@ from pyvhost.kernel.ioctl import (
     Ioctl,
 )
 
-__all__ = ["VhostNet", "VhostScsi", "VhostVdpa", "VhostVsock"]
+__all__ = ["VHOST_NET_F_VIRTIO_NET_HDR", "VhostNet", "VhostScsi", "VhostVdpa", "VhostVsock"]
+
+VHOST_NET_F_VIRTIO_NET_HDR = 27
+"""vhost-net feature bit: the kernel adds and strips the virtio-net header (the TAP has none)."""
 
 
 class VhostNet(VhostKernelDevice):
@@ -33,7 +36,8 @@ class VhostNet(VhostKernelDevice):
 
 
 class VhostVsock(VhostKernelDevice):
-    """``/dev/vhost-vsock``: rings 0 (receive), 1 (transmit), 2 (events) of a guest CID."""
+    """``/dev/vhost-vsock``: rings 0 (receive) and 1 (transmit) of a guest CID; the event ring
+    (2) is not the kernel's (the VMM serves it), so ring index 2 is out of range (ENOBUFS)."""
 
     default_path = "/dev/vhost-vsock"
 
@@ -158,6 +162,10 @@ class VhostVdpa(VhostKernelDevice):
     def set_vring_enable(self, index: int, enable: bool) -> None:
         """VHOST_VDPA_SET_VRING_ENABLE."""
         self._state(Ioctl.VDPA_SET_VRING_ENABLE, index, int(enable))
+
+    def enable_ring(self, index: int) -> None:
+        """VHOST_VDPA_SET_VRING_ENABLE: a vDPA device waits for it before using a ring."""
+        self.set_vring_enable(index, True)
 
     def get_vring_num(self) -> int:
         """VHOST_VDPA_GET_VRING_NUM: the largest ring size the device supports."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from pyvhost.closing import Closing
+from pyvhost.control import RingAddresses, region_for
 from pyvhost.errors import (
     ConnectionClosedError,
     ProtocolError,
@@ -61,8 +62,9 @@ from pyvhost.user.messages import (
     replies_expected,
     spec_for,
 )
-from pyvhost.user.protocol import FRONTEND_PROTOCOL_FEATURES
+from pyvhost.user.protocol import FRONTEND_PROTOCOL_FEATURES, VRING_F_LOG
 from pyvhost.virtio.features import has_bit as _bit
+from pyvhost.virtio.memory import DirtyLog, GuestMemory
 
 __all__ = [
     "DEFAULT_REPLY_TIMEOUT",
@@ -163,6 +165,8 @@ class Frontend(Closing):
         self.max_mem_slots: int | None = None
         self.backend_handler: BackendRequestHandler | None = None
         self.postcopy_listening = False
+        self.memory: GuestMemory | None = None
+        """The guest memory given to :meth:`set_memory` (ring addresses are translated in it)."""
         self._lock = threading.RLock()
         self._closed = False
         self._close_reason: str | None = None
@@ -774,6 +778,51 @@ class Frontend(Closing):
         self.set_vring_call(index, call_fd)
         if self.offered_features is not None and _bit(self.offered_features, F_PROTOCOL_FEATURES):
             self.set_vring_enable(index, enable)
+
+    # --- the control interface shared with kernel vhost (pyvhost.control) -------------------
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """Share every region of ``memory`` by its fd (see :meth:`setup_memory`); its
+        ``userspace_addr`` labels are the addresses ring addresses are given in."""
+        regions = []
+        for region in memory.regions:
+            if region.fd is None:
+                raise ValueError(
+                    f"set_memory: region gpa {region.guest_phys_addr:#x} has no fd to send "
+                    "(make guest memory with GuestMemory.anonymous / add_anonymous)"
+                )
+            spec = MemoryRegion(
+                region.guest_phys_addr, region.size, region.userspace_addr, region.mmap_offset
+            )
+            regions.append((spec, region.fd))
+        self.setup_memory(regions)
+        self.memory = memory
+
+    def set_dirty_log(self, log: DirtyLog, fd: int) -> None:
+        """SET_LOG_BASE with the log's memfd (LOG_SHMFD)."""
+        self.set_log_base(log.size, 0, fd)
+
+    def set_ring_addresses(self, index: int, ring: RingAddresses) -> None:
+        """SET_VRING_ADDR from guest-physical addresses, given as the memory's labels."""
+        desc, driver, device = (
+            self._label(gpa, f"vring {index} {what}")
+            for gpa, what in (
+                (ring.desc, "descriptor area"),
+                (ring.driver, "driver area"),
+                (ring.device, "device area"),
+            )
+        )
+        flags = VRING_F_LOG if ring.log else 0
+        self.set_vring_addr(VringAddr(index, flags, desc, device, driver, ring.device))
+
+    def _label(self, gpa: int, what: str) -> int:
+        region, offset = region_for(self.memory, gpa, what)
+        return region.userspace_addr + offset
+
+    def enable_ring(self, index: int) -> None:
+        """SET_VRING_ENABLE where the back-end offers protocol features (it then waits for it)."""
+        if self.offered_features is not None and _bit(self.offered_features, F_PROTOCOL_FEATURES):
+            self.set_vring_enable(index, True)
 
     def stop_vring(self, index: int) -> int:
         """Stop vring ``index`` (GET_VRING_BASE); returns the index to resume from."""

@@ -17,7 +17,7 @@ import struct
 
 from pyvhost.errors import VhostError
 
-__all__ = ["USERFAULTFD_SYSCALLS", "Userfaultfd", "UserfaultfdError", "view_address"]
+__all__ = ["USERFAULTFD_SYSCALLS", "Userfaultfd", "UserfaultfdError"]
 
 USERFAULTFD_SYSCALLS = {"x86_64": 323, "aarch64": 282}
 """userfaultfd(2) system call numbers by machine."""
@@ -40,15 +40,6 @@ class UserfaultfdError(VhostError):
     def __init__(self, message: str, *, errno_value: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno_value
-
-
-def view_address(view: memoryview) -> int:
-    """The virtual address of the first byte of a writable memoryview (e.g. a region's mmap)."""
-    anchor = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
 
 
 def _page_span(address: int, length: int) -> tuple[int, int]:

@@ -1,7 +1,11 @@
-"""virtio feature bit numbers (common, virtio-blk, -net, -scsi), a bit-to-name table, bit helpers.
+"""virtio feature bit numbers (common and per device type), virtio device ids, bit-to-name
+tables, bit helpers.
 
 Plain constants so that vhost code and device code share one spelling; knows nothing of vhost
 beyond naming the two vhost-user bits (26 LOG_ALL, 30 PROTOCOL_FEATURES) for readable traces.
+Device bits are those of the virtio 1.3 spec's "Feature bits" sections (legacy ones included),
+checked against Linux's ``include/uapi/linux/virtio_*.h`` where those define them; bits past 63
+(net's RSS_CONTEXT, UDP_TUNNEL_GSO...) are left out, as a vhost feature word has 64 bits.
 :func:`bit_mask` and :func:`has_bit` are the one spelling of "these bits" and "is this bit set"
 for every feature word (virtio and vhost-user protocol features alike).
 """
@@ -74,6 +78,7 @@ NET_F_GUEST_ANNOUNCE = 21
 NET_F_MQ = 22
 NET_F_CTRL_MAC_ADDR = 23
 NET_F_DEVICE_STATS = 50
+NET_F_HASH_TUNNEL = 51
 NET_F_VQ_NOTF_COAL = 52
 NET_F_NOTF_COAL = 53
 NET_F_GUEST_USO4 = 54
@@ -91,6 +96,43 @@ SCSI_F_INOUT = 0
 SCSI_F_HOTPLUG = 1
 SCSI_F_CHANGE = 2
 SCSI_F_T10_PI = 3
+
+# virtio-vsock.
+VSOCK_F_STREAM = 0
+VSOCK_F_SEQPACKET = 1
+VSOCK_F_NO_IMPLIED_STREAM = 2
+
+# virtio-console.
+CONSOLE_F_SIZE = 0
+CONSOLE_F_MULTIPORT = 1
+CONSOLE_F_EMERG_WRITE = 2
+
+# virtio-fs.
+FS_F_NOTIFICATION = 0
+
+# virtio-gpio.
+GPIO_F_IRQ = 0
+
+# virtio-i2c.
+I2C_F_ZERO_LENGTH_REQUEST = 0
+
+# virtio-sound.
+SND_F_CTLS = 0
+
+# virtio-gpu.
+GPU_F_VIRGL = 0
+GPU_F_EDID = 1
+GPU_F_RESOURCE_UUID = 2
+GPU_F_RESOURCE_BLOB = 3
+GPU_F_CONTEXT_INIT = 4
+
+# virtio-crypto.
+CRYPTO_F_REVISION_1 = 0
+CRYPTO_F_CIPHER_STATELESS_MODE = 1
+CRYPTO_F_HASH_STATELESS_MODE = 2
+CRYPTO_F_MAC_STATELESS_MODE = 3
+CRYPTO_F_AEAD_STATELESS_MODE = 4
+CRYPTO_F_AKCIPHER_STATELESS_MODE = 5
 
 
 def bit_mask(*bits: int) -> int:
@@ -119,14 +161,50 @@ def _table(prefix: str) -> Mapping[int, str]:
 COMMON_FEATURES: Mapping[int, str] = _table("F_")
 """Device-independent bits, including the vhost-user LOG_ALL and PROTOCOL_FEATURES."""
 
+_NO_BITS: Mapping[int, str] = MappingProxyType({})
+
 DEVICE_FEATURES: Mapping[str, Mapping[int, str]] = MappingProxyType(
-    {"blk": _table("BLK_F_"), "net": _table("NET_F_"), "scsi": _table("SCSI_F_")}
+    {
+        "net": _table("NET_F_"),
+        "blk": _table("BLK_F_"),
+        "scsi": _table("SCSI_F_"),
+        "vsock": _table("VSOCK_F_"),
+        "rng": _NO_BITS,
+        "console": _table("CONSOLE_F_"),
+        "fs": _table("FS_F_"),
+        "gpio": _table("GPIO_F_"),
+        "i2c": _table("I2C_F_"),
+        "input": _NO_BITS,
+        "sound": _table("SND_F_"),
+        "gpu": _table("GPU_F_"),
+        "crypto": _table("CRYPTO_F_"),
+    }
 )
-"""Device-specific bits by device name."""
+"""Device-specific bits by device type name (rng and input define none)."""
+
+DEVICE_IDS: Mapping[int, str] = MappingProxyType(
+    {
+        1: "net",
+        2: "blk",
+        3: "console",
+        4: "rng",
+        8: "scsi",
+        16: "gpu",
+        18: "input",
+        19: "vsock",
+        20: "crypto",
+        25: "sound",
+        26: "fs",
+        34: "i2c",
+        41: "gpio",
+    }
+)
+"""The virtio device id (spec "Device ID", vhost-vdpa's GET_DEVICE_ID) of each device type above."""
 
 
 def feature_names(bits: int, device: str | None = None) -> list[str]:
-    """Name every set bit; device bits need ``device`` ("blk", "net", "scsi"), else ``bit<N>``."""
+    """Name every set bit; device bits need ``device`` (a :data:`DEVICE_FEATURES` key), else
+    they are ``bit<N>``."""
     device_table = DEVICE_FEATURES.get(device, {}) if device else {}
     names: list[str] = []
     bit = 0

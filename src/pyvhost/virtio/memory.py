@@ -37,6 +37,7 @@ __all__ = [
     "RegionSpec",
     "deferred_unmaps",
     "set_require_sealed_default",
+    "view_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,15 @@ def _removed(gpa: int, length: int) -> GuestMemoryError:
     )
 
 
+def view_address(view: memoryview) -> int:
+    """The virtual address in this process of the first byte of a writable memoryview."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
 class RegionSpec(NamedTuple):
     """The description of one region as a front-end sends it (fd plus the message fields)."""
 
@@ -278,6 +288,17 @@ class Region:
     def closed(self) -> bool:
         """True once the region has been unmapped (or its unmap deferred)."""
         return self._mm is None
+
+    @property
+    def host_address(self) -> int:
+        """Where this process maps the region's first byte (what the kernel's vhost needs)."""
+        if self._mm is None:
+            raise GuestMemoryError(
+                f"memory region gpa {self.guest_phys_addr:#x} is unmapped",
+                address=self.guest_phys_addr,
+                length=self.size,
+            )
+        return view_address(self.view)
 
     def spec(self) -> RegionSpec:
         """The fields a front-end sends for this region (only meaningful when ``fd`` is set)."""
@@ -399,6 +420,13 @@ class DirtyLog:
             None if or_byte is None else (ctypes.c_ubyte * size).from_buffer(self._view)
         )
         self._lock = threading.Lock()
+
+    @property
+    def host_address(self) -> int:
+        """Where this process maps the log's first byte (the kernel's VHOST_SET_LOG_BASE)."""
+        if self._mm is None:
+            raise GuestMemoryError("dirty log is closed")
+        return view_address(self._view)
 
     @property
     def max_address(self) -> int:

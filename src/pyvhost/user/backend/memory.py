@@ -23,9 +23,9 @@ from pyvhost.user.messages import (
     close_fds,
     encode_reply,
 )
-from pyvhost.user.postcopy import Userfaultfd, view_address
+from pyvhost.user.postcopy import Userfaultfd
 from pyvhost.virtio.features import has_bit
-from pyvhost.virtio.memory import DirtyLog, RegionSpec
+from pyvhost.virtio.memory import DirtyLog, RegionSpec, view_address
 
 POSTCOPY_ACK_TIMEOUT = 30.0
 """How long SET_MEM_TABLE in postcopy mode waits for the front-end's acknowledgement."""
