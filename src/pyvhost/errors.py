@@ -56,3 +56,17 @@ class VirtqueueError(VhostError):
 
 class InflightError(VhostError):
     """The shared inflight-tracking region is inconsistent or of the wrong size."""
+
+
+class ScsiFormatError(VhostError):
+    """A virtio-scsi or SCSI structure is malformed: ``structure`` and ``field`` name the part.
+
+    Raised when decoding what a device (or driver) wrote: a response, sense data, INQUIRY data.
+    """
+
+    def __init__(self, structure: str, field: str, message: str) -> None:
+        if field not in message:
+            message = f"{field}: {message}"
+        super().__init__(f"{structure}: {message}")
+        self.structure = structure
+        self.field = field

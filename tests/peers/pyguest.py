@@ -46,10 +46,18 @@ IMAGE_FORMAT = 1
 """Bump when the image layout changes in a way the other key inputs would not show."""
 SUITE = "bookworm"
 VARIANT = "minbase"
-PACKAGES: tuple[str, ...] = ("python3", "python3-pytest", "iproute2", "kmod", "procps")
+PACKAGES: tuple[str, ...] = (
+    "python3",
+    "python3-pytest",
+    "python3-rtslib-fb",
+    "iproute2",
+    "kmod",
+    "procps",
+)
+"""python3-rtslib-fb: LIO targets for the vhost-scsi tests (tests/peers/lio.py)."""
 DEFAULT_MODULES: tuple[str, ...] = ("tun", "vhost_net", "vhost_vsock")
-"""Loaded with modprobe in the guest before the script runs (add e.g. vhost_scsi,
-target_core_file for vhost-scsi; GUEST.md has the order that works)."""
+"""Loaded with modprobe in the guest before the script runs (for vhost-scsi with a LIO target
+add tests/peers/lio.py's MODULES; GUEST.md has the order that works)."""
 
 CACHE_ENV = "PYVHOST_PYGUEST_CACHE"
 MIRROR_ENV = "PYVHOST_DEBIAN_MIRROR"

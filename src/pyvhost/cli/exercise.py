@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from pyvhost.cli import exercise_net
+from pyvhost.cli import exercise_net, exercise_scsi
 from pyvhost.driver.blk import SECTOR_SIZE, BlkCompletion, BlkDriver
 from pyvhost.driver.session import DriverSession
 from pyvhost.errors import VhostError
@@ -492,7 +492,7 @@ def format_report(result: ExerciseResult) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``exercise blk`` and ``exercise net``."""
+    """Add ``exercise blk``, ``exercise net`` and ``exercise scsi``."""
     parser = subparsers.add_parser(
         "exercise",
         help="drive a vhost-user back-end as a guest driver would, and verify it",
@@ -531,12 +531,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     blk.add_argument("--json", action="store_true", help="print one JSON object")
     blk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     exercise_net.add_parser(devices)
+    exercise_scsi.add_parser(devices)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``exercise DEVICE``; 0 when everything verified, 1 otherwise."""
-    if args.device == "net":
-        return _run_net(args)
+    if args.device in ("net", "scsi"):
+        return _run_kernel(args)
     if args.queue_depth < 1 or args.queues < 1:
         print("exercise: --queue-depth and --queues must be at least 1", file=sys.stderr)
         return 2
@@ -560,14 +561,16 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _run_net(args: argparse.Namespace) -> int:
+def _run_kernel(args: argparse.Namespace) -> int:
+    """``exercise net`` / ``exercise scsi`` (kernel devices): one report, exit 1 on any error."""
+    tool = exercise_net if args.device == "net" else exercise_scsi
     try:
-        result = exercise_net.run(args)
+        result = tool.run(args)
     except (VhostError, ValueError, OSError) as exc:
-        print(f"exercise net: {exc}", file=sys.stderr)
+        print(f"exercise {args.device}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        print(exercise_net.format_report(result))
+        print(tool.format_report(result))
     return 0 if result.ok else 1

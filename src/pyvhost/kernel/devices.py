@@ -60,17 +60,46 @@ def _target(wwpn: str, tpgt: int) -> bytes:
     return SCSI_TARGET.pack(SCSI_ABI_VERSION, raw, tpgt, 0)
 
 
+_SCSI_MEANINGS: dict[tuple[Ioctl, int], str] = {
+    (Ioctl.SCSI_SET_ENDPOINT, errno.EFAULT): (
+        "the rings are not set up: no memory table yet (VHOST_SET_OWNER, VHOST_SET_MEM_TABLE "
+        "first) or a ring address is not accessible"
+    ),
+    (Ioctl.SCSI_SET_ENDPOINT, errno.ENODEV): (
+        "no free LIO vhost target with that WWPN: none exists, its portal groups have no "
+        "nexus, or another vhost-scsi device holds them"
+    ),
+    (Ioctl.SCSI_SET_ENDPOINT, errno.EEXIST): "the device is already attached to that target",
+    (Ioctl.SCSI_SET_ENDPOINT, errno.EOPNOTSUPP): "the reserved field is not 0",
+    (Ioctl.SCSI_CLEAR_ENDPOINT, errno.EFAULT): (
+        "the rings are not set up: no memory table yet (VHOST_SET_MEM_TABLE first)"
+    ),
+    (Ioctl.SCSI_CLEAR_ENDPOINT, errno.EINVAL): "the device is attached to another WWPN",
+}
+"""What vhost-scsi's errnos mean (Linux 6.1 drivers/vhost/scsi.c), ahead of the generic table."""
+
+
 class VhostScsi(VhostKernelDevice):
-    """``/dev/vhost-scsi``: rings 0 (control), 1 (events), 2.. (requests) to a LIO vhost target."""
+    """``/dev/vhost-scsi``: rings 0 (control), 1 (events), 2.. (requests) to a LIO vhost target.
+
+    Linux checks every ring's addresses against the memory table before it attaches or detaches
+    a target, so VHOST_SET_OWNER and VHOST_SET_MEM_TABLE (an empty table will do) come first.
+    """
 
     default_path = "/dev/vhost-scsi"
 
     def set_endpoint(self, wwpn: str, tpgt: int) -> None:
-        """VHOST_SCSI_SET_ENDPOINT: attach to the LIO target ``wwpn`` / portal group ``tpgt``."""
+        """VHOST_SCSI_SET_ENDPOINT: attach to the LIO vhost target ``wwpn``.
+
+        Linux matches the WWPN only and attaches every portal group of it that has a nexus;
+        ``tpgt`` is passed along (as QEMU does) but not looked at. The target id of a request's
+        LUN field is then the TPG tag.
+        """
         self._call(Ioctl.SCSI_SET_ENDPOINT, _target(wwpn, tpgt))
 
     def clear_endpoint(self, wwpn: str, tpgt: int) -> None:
-        """VHOST_SCSI_CLEAR_ENDPOINT: detach from that target."""
+        """VHOST_SCSI_CLEAR_ENDPOINT: detach from the target ``wwpn`` (a no-op when detached).
+        Closing the device detaches it too."""
         self._call(Ioctl.SCSI_CLEAR_ENDPOINT, _target(wwpn, tpgt))
 
     def get_abi_version(self) -> int:
@@ -85,6 +114,13 @@ class VhostScsi(VhostKernelDevice):
     def get_events_missed(self) -> bool:
         """VHOST_SCSI_GET_EVENTS_MISSED."""
         return bool(U32.unpack(self._call(Ioctl.SCSI_GET_EVENTS_MISSED, bytes(U32.size)))[0])
+
+    def _error(self, request: Ioctl, exc: OSError) -> KernelVhostError:
+        """The generic error, with vhost-scsi's own meaning of the errno where it has one."""
+        meaning = _SCSI_MEANINGS.get((request, exc.errno or errno.EIO))
+        if meaning is None:
+            return super()._error(request, exc)
+        return KernelVhostError(request.spec_name, self.path, exc.errno or errno.EIO, meaning)
 
 
 class VhostVdpa(VhostKernelDevice):
