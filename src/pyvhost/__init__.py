@@ -9,6 +9,7 @@ from pyvhost.errors import (
     UnsupportedRequestError,
     VhostError,
     VirtqueueError,
+    VsockError,
 )
 
 __version__ = "0.1.0"
@@ -22,5 +23,6 @@ __all__ = [
     "UnsupportedRequestError",
     "VhostError",
     "VirtqueueError",
+    "VsockError",
     "__version__",
 ]
