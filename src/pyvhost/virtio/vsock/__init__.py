@@ -13,6 +13,7 @@ from pyvhost.virtio.vsock.connection import (
     ConnectionState,
     VsockConnection,
 )
+from pyvhost.virtio.vsock.endpoint import VsockEndpoint
 from pyvhost.virtio.vsock.wire import (
     DEFAULT_BUF_ALLOC,
     EVENT_QUEUE,
@@ -60,6 +61,7 @@ __all__ = [
     "Type",
     "VsockConfig",
     "VsockConnection",
+    "VsockEndpoint",
     "VsockEvent",
     "VsockHeader",
     "check_packet",
