@@ -624,3 +624,10 @@ def test_misuse_errors_say_why() -> None:
     g.reset()
     with pytest.raises(VsockError, match=r"needs state connected \(reset\)$"):
         g.request_credit()
+
+
+def test_the_credit_update_threshold_is_capped_at_buf_alloc() -> None:
+    """Found by the credit property test: a threshold above buf_alloc stalls a full window."""
+    assert ConnectionOptions(buf_alloc=100, credit_update_threshold=300).threshold == 100
+    assert ConnectionOptions(buf_alloc=100).threshold == 50
+    assert ConnectionOptions(buf_alloc=0).threshold == 1

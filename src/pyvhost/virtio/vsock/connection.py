@@ -72,8 +72,8 @@ class ConnectionOptions:
     """Per-connection settings: buffer size advertised, packet size, timeouts, credit threshold.
 
     ``credit_update_threshold`` is how many consumed bytes the peer has not heard of yet make a
-    CREDIT_UPDATE; None means half of ``buf_alloc``, so a sender with a full window always gets one
-    before the reader has drained everything it was sent.
+    CREDIT_UPDATE; None means half of ``buf_alloc``. It is capped at ``buf_alloc``, so a sender
+    with a full window always gets one by the time the reader has drained everything.
     """
 
     buf_alloc: int = DEFAULT_BUF_ALLOC
@@ -92,10 +92,12 @@ class ConnectionOptions:
 
     @property
     def threshold(self) -> int:
-        """The credit-update threshold in bytes."""
-        if self.credit_update_threshold is not None:
-            return self.credit_update_threshold
-        return max(1, self.buf_alloc // 2)
+        """The credit-update threshold in bytes, never above buf_alloc: a sender whose whole
+        window was read would otherwise wait for an update that never comes."""
+        wanted = self.credit_update_threshold
+        if wanted is None:
+            wanted = self.buf_alloc // 2
+        return max(1, min(wanted, self.buf_alloc))
 
 
 class _Item(NamedTuple):
