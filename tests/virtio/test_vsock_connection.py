@@ -451,11 +451,13 @@ def test_simultaneous_close() -> None:
     assert g.packets_to_send() == h.packets_to_send() == []
 
 
-def test_closing_ignores_data_and_credit() -> None:
+def test_closing_ignores_data_and_credit(caplog: pytest.LogCaptureFixture) -> None:
     g = established_guest()
     g.close()
     g.packets_to_send()
-    hear(g, Op.RW, b"in flight")
+    with caplog.at_level(logging.DEBUG):
+        hear(g, Op.RW, b"in flight")
+    assert "closing, dropped 2:5000 -> 3:1024 RW" in caplog.text
     hear(g, Op.CREDIT_REQUEST)
     hear(g, Op.SHUTDOWN, flags=Shutdown.SEND)
     assert g.state is State.CLOSING

@@ -440,6 +440,8 @@ class VsockConnection:
             self.peer_shutdown |= Shutdown(header.flags & SHUTDOWN_BOTH)
             if self.peer_shutdown == SHUTDOWN_BOTH:
                 self._end_with_rst("closed")
+        else:
+            log.debug("%s: closing, dropped %s", self.key, header.describe())
 
     def _on_closed(self, header: VsockHeader, payload: Bytes) -> None:
         self._answer_rst(header)
