@@ -6,9 +6,11 @@ from pyvhost.errors import (
     InflightError,
     ProtocolError,
     ReplyError,
+    ScsiFormatError,
     UnsupportedRequestError,
     VhostError,
     VirtqueueError,
+    VsockError,
 )
 
 __version__ = "0.1.0"
@@ -19,8 +21,10 @@ __all__ = [
     "InflightError",
     "ProtocolError",
     "ReplyError",
+    "ScsiFormatError",
     "UnsupportedRequestError",
     "VhostError",
     "VirtqueueError",
+    "VsockError",
     "__version__",
 ]

@@ -8,9 +8,11 @@ class VhostError(Exception):
 
 
 class ProtocolError(VhostError):
-    """A vhost-user message is malformed or breaks the protocol.
+    """A vhost-user message or a device packet (a virtio-vsock header) is malformed or breaks the
+    protocol.
 
-    ``request`` names the request (spec name) when it is known; ``field`` names the offending field.
+    ``request`` names the request or packet operation (spec name) when it is known; ``field`` names
+    the offending field.
     """
 
     def __init__(
@@ -70,3 +72,8 @@ class ScsiFormatError(VhostError):
         super().__init__(f"{structure}: {message}")
         self.structure = structure
         self.field = field
+
+
+class VsockError(VhostError):
+    """The local caller asked a virtio-vsock connection or endpoint for something its state does
+    not allow (send before connect, listen on a port twice); never raised for a peer's packet."""
