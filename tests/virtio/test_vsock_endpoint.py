@@ -309,3 +309,12 @@ def test_half_close_through_endpoints() -> None:
     assert (g.state, g.reason) == (State.CLOSED, "closed by the peer")
     assert (h.state, h.reason) == (State.CLOSED, "closed")
     assert link.guest.connections == link.host.connections == {}
+
+
+def test_local_ports_count_up_from_first_port() -> None:
+    guest = VsockEndpoint(GUEST_CID, first_port=40000)
+    assert guest.connect(HOST_CID, 5000).key.local_port == 40000
+    assert guest.connect(HOST_CID, 5000).key.local_port == 40001
+    for bad in (1023, 0xFFFF_FFFF):
+        with pytest.raises(ValueError, match="first_port"):
+            VsockEndpoint(GUEST_CID, first_port=bad)

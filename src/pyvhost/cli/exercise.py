@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from pyvhost.cli import exercise_net, exercise_scsi
+from pyvhost.cli import exercise_net, exercise_scsi, exercise_vsock
 from pyvhost.driver.blk import SECTOR_SIZE, BlkCompletion, BlkDriver
 from pyvhost.driver.session import DriverSession
 from pyvhost.errors import VhostError
@@ -492,7 +492,7 @@ def format_report(result: ExerciseResult) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``exercise blk``, ``exercise net`` and ``exercise scsi``."""
+    """Add ``exercise blk``, ``net``, ``scsi`` and ``vsock``."""
     parser = subparsers.add_parser(
         "exercise",
         help="drive a vhost-user back-end as a guest driver would, and verify it",
@@ -532,11 +532,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     blk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     exercise_net.add_parser(devices)
     exercise_scsi.add_parser(devices)
+    exercise_vsock.add_parser(devices)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``exercise DEVICE``; 0 when everything verified, 1 otherwise."""
-    if args.device in ("net", "scsi"):
+    if args.device in _KERNEL_TOOLS:
         return _run_kernel(args)
     if args.queue_depth < 1 or args.queues < 1:
         print("exercise: --queue-depth and --queues must be at least 1", file=sys.stderr)
@@ -561,9 +562,16 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+_KERNEL_TOOLS: dict[str, Any] = {
+    "net": exercise_net,
+    "scsi": exercise_scsi,
+    "vsock": exercise_vsock,
+}
+
+
 def _run_kernel(args: argparse.Namespace) -> int:
-    """``exercise net`` / ``exercise scsi`` (kernel devices): one report, exit 1 on any error."""
-    tool = exercise_net if args.device == "net" else exercise_scsi
+    """``exercise net|scsi|vsock`` (kernel devices): one report, exit 1 on any error."""
+    tool = _KERNEL_TOOLS[args.device]
     try:
         result = tool.run(args)
     except (VhostError, ValueError, OSError) as exc:

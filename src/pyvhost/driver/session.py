@@ -674,14 +674,16 @@ class DriverSession(Closing):
         with contextlib.suppress(BlockingIOError):
             os.eventfd_write(q.kick_fd, 1)
 
-    def kick(self, queue: int) -> None:
-        """Publish what was submitted on ``queue`` and notify the back-end if it wants it."""
+    def kick(self, queue: int, *, force: bool = False) -> None:
+        """Publish what was submitted on ``queue`` and notify the back-end if it wants it;
+        ``force`` notifies regardless (after the device was stopped and started again, a kick
+        it swallowed while stopped is not repeated by event suppression)."""
         q = self.queues[queue]
         driver = q.driver
         if driver is None:
             return
         driver.publish()
-        if driver.should_kick():
+        if force or driver.should_kick():
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(q.kick_fd, 1)
 

@@ -47,7 +47,10 @@ class VsockEndpoint:
     """The connections of CID ``cid``; ``peer_cid`` (if given) is the only CID accepted as source.
 
     ``listen(VMADDR_PORT_ANY)`` accepts a REQUEST to any port no other listener has, as a hybrid
-    device back-end that forwards each port to its own Unix socket wants.
+    device back-end that forwards each port to its own Unix socket wants. Local ports for
+    :meth:`connect` count up from ``first_port``; an endpoint that plays a guest against a real
+    kernel should start at a random one, as Linux does: the host's end of a connection closed a
+    moment ago lingers (up to 8 s) and swallows a REQUEST that reuses its ports.
     """
 
     def __init__(
@@ -58,7 +61,10 @@ class VsockEndpoint:
         options: ConnectionOptions | None = None,
         backlog: int = BACKLOG,
         max_replies: int = MAX_REPLIES,
+        first_port: int = LAST_RESERVED_PORT + 1,
     ) -> None:
+        if not LAST_RESERVED_PORT < first_port < VMADDR_PORT_ANY:
+            raise ValueError(f"first_port {first_port} is not in {LAST_RESERVED_PORT + 1}..2**32-2")
         self._cid = _valid_cid(cid)
         self.peer_cid = None if peer_cid is None else _valid_cid(peer_cid)
         self.options = options or ConnectionOptions()
@@ -68,7 +74,7 @@ class VsockEndpoint:
         self._connections: dict[ConnectionKey, VsockConnection] = {}
         self._accept: deque[VsockConnection] = deque()
         self._replies: deque[Packet] = deque()
-        self._next_port = LAST_RESERVED_PORT + 1
+        self._next_port = first_port
 
     def __repr__(self) -> str:
         return f"VsockEndpoint(cid={self._cid}, {len(self._connections)} connections)"
