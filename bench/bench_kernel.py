@@ -1,4 +1,4 @@
-"""Kernel vhost-net driven from Python: ``python bench/bench_kernel_net.py [--frames N]``.
+"""Kernel vhost driven from Python: ``python bench/bench_kernel.py [--frames N] [--ios N]``.
 
 Boots the test guest (tests/peers/pyguest.py; ``scripts/fetch-pyguest`` builds it) and, inside it,
 measures frames per second both ways through ``pyvhost exercise net --kernel /dev/vhost-net``:
@@ -6,8 +6,12 @@ frames go through rings this process owns, the kernel moves them to and from a T
 socket on the interface sends and sees them, every byte compared. The peer in the same run is
 the same traffic with Python doing the TAP's syscalls itself (``write()`` / ``read()`` on the TAP
 fd, the same AF_PACKET side and checks): the ratio says what handing the data path to the kernel
-gains or costs a Python VMM. Alternating, medians of ``--reps``; the guest runs under TCG, so
-absolute figures are far below a real machine's and only the ratios mean anything.
+gains or costs a Python VMM. Then 4 KiB IOPS through ``pyvhost exercise scsi --kernel
+/dev/vhost-scsi`` to a LIO fileio LUN (WRITE(16) + READ(16) pairs, compared), beside the same
+writes, reads and compares done by Python with ``os.pwrite`` / ``os.pread`` on the LUN's backing
+file. Alternating, medians of ``--reps``; the guest runs under TCG, so absolute figures are far
+below a real machine's and only the ratios mean anything. (No vhost-user net or scsi device
+exists yet to set beside these.)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from peers import lio
 from peers.pyguest import run_in_guest
 
 GUEST = textwrap.dedent(
@@ -30,6 +35,10 @@ GUEST = textwrap.dedent(
     from pyvhost.kernel.tap import Tap
 
     frames, reps, sizes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    ios = int(sys.argv[4])
+    sys.path.insert(0, os.environ["PYGUEST_FILES"])
+    import lio
+    from pyvhost.cli.exercise_scsi import ScsiExerciseOptions, pattern, run_scsi
 
     def tap_direct(size):
         tap = Tap.open("pvb1", vnet_hdr=False)
@@ -86,6 +95,24 @@ GUEST = textwrap.dedent(
         assert r.ok, r.error_details
         return {"tx_pps": r.tx_pps, "rx_pps": r.rx_pps}
 
+    def scsi(target):
+        r = run_scsi(ScsiExerciseOptions("/dev/vhost-scsi", target.wwpn, ios=ios))
+        assert r.ok, r.error_details
+        return {"iops": r.iops}
+
+    def file_direct(target):
+        fd = os.open(target.backing, os.O_RDWR)
+        try:
+            start = time.monotonic()
+            for i in range(ios):
+                lba = 8 * (1 + i % 1000)
+                data = pattern(lba, 4096)
+                os.pwrite(fd, data, lba * 512)
+                assert os.pread(fd, 4096, lba * 512) == data
+            return {"iops": 2 * ios / (time.monotonic() - start)}
+        finally:
+            os.close(fd)
+
     results = []
     for rep in range(reps):
         for size in sizes:
@@ -94,6 +121,13 @@ GUEST = textwrap.dedent(
                 order.reverse()
             for name, fn in order:
                 results.append({"rep": rep, "size": size, "how": name, **fn(size)})
+    with lio.vhost_target(size_mib=16) as target:
+        for rep in range(reps):
+            order = [("vhost-scsi", scsi), ("file-direct", file_direct)]
+            if rep % 2:
+                order.reverse()
+            for name, fn in order:
+                results.append({"rep": rep, "size": 4096, "how": name, **fn(target)})
     print(json.dumps(results))
     """
 )
@@ -104,13 +138,15 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=2000, help="frames each way (default 2000)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--sizes", default="64,1514", help="frame sizes (default 64,1514)")
+    parser.add_argument("--ios", type=int, default=500, help="4 KiB write+read pairs (500)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     run = run_in_guest(
         GUEST,
         timeout=600,
-        argv=[str(args.frames), str(args.reps), json.dumps(sizes)],
-        modules=["tun", "vhost_net"],
+        argv=[str(args.frames), str(args.reps), json.dumps(sizes), str(args.ios)],
+        files={lio.GUEST_NAME: Path(lio.__file__)},
+        modules=["tun", "vhost_net", *lio.MODULES],
     ).check()
     rows = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"kernel vhost-net from Python, in the test guest (TCG): {args.frames} frames each way")
@@ -127,6 +163,15 @@ def main() -> int:
                 f"{size:>6} {label:>3} {mo:>14.0f} {mp:>15.0f} {mo / mp:>7.2f}  "
                 f"{min(ratios):.2f}-{max(ratios):.2f}"
             )
+    print()
+    ours = [r["iops"] for r in rows if r["how"] == "vhost-scsi"]
+    peer = [r["iops"] for r in rows if r["how"] == "file-direct"]
+    ratios = [a / b for a, b in zip(ours, peer, strict=True)]
+    mo, mp = statistics.median(ours), statistics.median(peer)
+    print(f"vhost-scsi to a LIO fileio LUN, {args.ios} 4 KiB WRITE(16)+READ(16) pairs, compared;")
+    print("ratio = vhost-scsi / Python pwrite+pread on the backing file (range)")
+    print(f"{'vhost-scsi IOPS':>16} {'file-direct IOPS':>17} {'ratio':>7}  range")
+    print(f"{mo:>16.0f} {mp:>17.0f} {mo / mp:>7.2f}  {min(ratios):.2f}-{max(ratios):.2f}")
     return 0
 
 
