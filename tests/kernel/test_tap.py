@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(
 
 SCRIPT = textwrap.dedent(
     """
-    import json, socket, subprocess, sys
+    import json, os, socket, subprocess, sys
     from pyvhost.kernel.tap import Tap, TapError, TUN_F_CSUM, TUN_F_TSO4
-    out = {}
+    out = {"fds_before": len(os.listdir("/proc/self/fd"))}
     tap = Tap.open("pvh0", queues=2)
     out["name"] = tap.name
     out["fds"] = len(tap.fds)
@@ -43,6 +43,16 @@ SCRIPT = textwrap.dedent(
     out["reopened"] = again.name
     again.close()
     tap.close()
+    subprocess.run(["ip", "tuntap", "add", "dev", "pvtun0", "mode", "tun"], check=True)
+    wrong = {}
+    for name in ("pvtun0", "lo"):
+        try:
+            Tap.open(name)
+        except TapError as exc:
+            wrong[name] = str(exc)
+    out["wrong_kind"] = wrong
+    out["fds_after_wrong"] = len(os.listdir("/proc/self/fd"))
+    subprocess.run(["ip", "tuntap", "del", "dev", "pvtun0", "mode", "tun"], check=True)
     names = [l["ifname"] for l in json.loads(subprocess.run(["ip", "-j", "link"],
              capture_output=True, text=True, check=True).stdout)]
     out["left"] = sorted(names)
@@ -71,6 +81,11 @@ def test_tap_create_offload_multiqueue_up_and_busy() -> None:
     assert out["busy"].startswith("TAP pvh1: TUNSETIFF: EBUSY")
     assert out["reopened"] == "pvh1"
     assert out["left"] == ["lo"], "non-persistent TAPs go away with their fds"
+    kind = "is not a TAP with these flags"
+    assert out["wrong_kind"]["pvtun0"].startswith("TAP pvtun0: TUNSETIFF: EINVAL")
+    assert kind in out["wrong_kind"]["pvtun0"]
+    assert out["wrong_kind"]["lo"].startswith("TAP lo: TUNSETIFF: EINVAL")
+    assert out["fds_after_wrong"] == out["fds_before"], "a refused open leaves no fd"
 
 
 def test_names_and_offloads_are_checked() -> None:

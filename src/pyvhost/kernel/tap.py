@@ -65,10 +65,22 @@ def _ifreq(name: str, flags: int = 0) -> bytearray:
     return bytearray(_IFREQ.pack(raw, flags))
 
 
+_MEANINGS = {
+    ("TUNSETIFF", errno.EINVAL): "an interface of that name exists and is not a TAP with these "
+    "flags: a TUN, another kind of device, or other multi-queue / vnet header settings",
+    (
+        "TUNSETIFF",
+        errno.EBUSY,
+    ): "the TAP is already attached (single-queue)",
+    ("TUNSETIFF", errno.EPERM): "creating or attaching a TAP needs CAP_NET_ADMIN or its owner",
+}
+
+
 def _fail(name: str, what: str, exc: OSError) -> TapError:
     err = exc.errno or errno.EIO
     code = errno.errorcode.get(err, f"errno {err}")
-    return TapError(f"TAP {name}: {what}: {code} ({os.strerror(err).lower()})")
+    meaning = _MEANINGS.get((what, err)) or os.strerror(err).lower()
+    return TapError(f"TAP {name}: {what}: {code} ({meaning})")
 
 
 class Tap(Closing):
