@@ -34,7 +34,7 @@ from pyvhost.devices.net.ctrl import (
 )
 from pyvhost.devices.net.rarp import rarp_frame
 from pyvhost.devices.net.rx import BACKLOG, RxPath
-from pyvhost.devices.net.stats import Complaints, NetStats
+from pyvhost.devices.net.stats import Complaints, NetStats, StatsLogger
 from pyvhost.devices.net.tx import TxPath
 from pyvhost.user.protocol import ProtocolFeature
 from pyvhost.virtio import features as vf
@@ -54,7 +54,8 @@ class NetDevice(Device):
     """A virtio-net device over ``backend`` (its queue pairs are the backend's).
 
     ``mac`` defaults to a random locally administered address; ``mtu`` goes in the config space
-    (VIRTIO_NET_F_MTU); ``backlog`` bounds the packets waiting for receive buffers per pair.
+    (VIRTIO_NET_F_MTU); ``backlog`` bounds the packets waiting for receive buffers per pair;
+    the counters are logged every ``stats_interval`` seconds (0: never) and at :meth:`close`.
     """
 
     device_id = 1
@@ -69,6 +70,7 @@ class NetDevice(Device):
         mtu: int = DEFAULT_MTU,
         queue_size: int = 256,
         backlog: int = BACKLOG,
+        stats_interval: float = 0.0,
     ) -> None:
         pairs = backend.pairs
         self.backend = backend
@@ -97,6 +99,7 @@ class NetDevice(Device):
         self._watched: set[int] = set()
         for fd, pair in self._fd_pair.items():
             self._watch_pair(fd, pair)
+        self._stats_log = StatsLogger(self.stats, stats_interval, backend.name).start()
 
     # -- what the framework reads -----------------------------------------------------------------
 
@@ -290,7 +293,8 @@ class NetDevice(Device):
     # -- life -------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop watching the back end's fds and close it."""
+        """Stop watching the back end's fds and close it; log the counters a last time."""
+        self._stats_log.stop()
         for fd in list(self._watched):
             self.unwatch(fd)
         self._watched.clear()
