@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 from pyvhost.cli.exercise_net import (
@@ -26,6 +25,7 @@ from pyvhost.cli.exercise_net import (
     packet_socket,
     parse_frame,
 )
+from pyvhost.devices.net.backends import interface_exists
 from pyvhost.driver.net import NetDriver, Received
 from pyvhost.driver.session import DriverSession
 from pyvhost.virtio import features as vf
@@ -55,7 +55,7 @@ def run_socket(opts: NetExerciseOptions) -> NetExerciseResult:
     """Connect to ``opts.socket`` and run the mode the options name."""
     assert opts.socket is not None
     result = NetExerciseResult(opts.socket, opts.tap, mode=_mode(opts))
-    if opts.tap and not os.path.exists(f"/sys/class/net/{opts.tap}"):
+    if opts.tap and not interface_exists(opts.tap):
         raise ValueError(
             f"--tap {opts.tap}: no such interface here (the back-end makes it: "
             f"serve net --tap {opts.tap}; run both in one network namespace)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 
 from pyvhost.devices.net.config import OFFLOAD_FEATURES
@@ -22,6 +23,7 @@ __all__ = [
     "NetBackend",
     "SinkBackend",
     "TapBackend",
+    "interface_exists",
     "tun_offloads",
 ]
 
@@ -29,6 +31,16 @@ log = logging.getLogger("pyvhost.devices.net")
 
 READ_SIZE = 65536 + 64
 """Enough for the largest GSO frame a TAP hands out (64 KiB) and its virtio-net header."""
+
+
+def interface_exists(name: str) -> bool:
+    """Whether this network namespace has an interface ``name`` (``/sys/class/net`` may show
+    another namespace's, after ``unshare -n`` without a fresh sysfs)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def tun_offloads(features: int) -> int:
@@ -110,7 +122,7 @@ class TapBackend(NetBackend):
 
     def __init__(self, name: str, pairs: int = 1) -> None:
         super().__init__(pairs)
-        existed = os.path.exists(f"/sys/class/net/{name}")
+        existed = interface_exists(name)
         self.tap = Tap.open(name, queues=pairs)
         self._hdr_size = 12
         self._offloads = 0
