@@ -3,9 +3,12 @@ counted under its reason and logged with it; the device carries on with the next
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Sequence
+
 import pytest
 
-from pyvhost.devices.net import LoopbackBackend, NetDevice
+from pyvhost.devices.net import LoopbackBackend, NetBackend, NetDevice
 from pyvhost.driver.net import NetDriver
 from pyvhost.driver.session import DriverSession
 from pyvhost.virtio import features as vf
@@ -136,3 +139,24 @@ def test_a_flood_of_mistakes_is_counted_not_logged(caplog: pytest.LogCaptureFixt
     assert dev.stats.pairs[0].drops["tx_short"] == 12
     assert caplog.text.count("shorter than the 12-byte header") == 5
     assert "further ones are counted, not logged" in caplog.text
+
+
+class _Refusing(NetBackend):
+    """A back end whose host side refuses every packet."""
+
+    def transmit(self, pair: int, packet: Sequence[memoryview]) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_refusing_back_end_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    dev = NetDevice(_Refusing(), mac=MAC)
+    with served(dev) as sock, connect(sock) as session:
+        net = NetDriver(session)
+        for i in range(3):
+            net.send(frame(i))
+        net.flush()
+        while net.tx_in_flight:
+            assert net.reap_tx(2.0)
+    assert dev.stats.pairs[0].drops == {"tx_backend_error": 3}
+    assert dev.stats.pairs[0].tx_frames == 0
+    assert "sink refused a 212-byte packet: [Errno 5] Input/output error" in caplog.text

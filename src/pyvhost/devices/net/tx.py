@@ -91,21 +91,24 @@ class TxPath:
             self.stats.drop(kind)
             self.complain(kind, f"queue {self.index}: transmit chain {chain.head} dropped: {why}")
             return 0
-        self.stats.tx_frames += 1
-        self.stats.tx_bytes += chain.read_len - hdr_size
+        looped = 0
         if self.backend.loops_back:
             frame = chain.read_at(hdr_size, chain.read_len - hdr_size)
-            return int(self.rx.enqueue(bytes(hdr_size) + frame))
-        try:
-            self.backend.transmit(self.pair, chain.readable)
-        except OSError as exc:
-            self.stats.drop("tx_backend_error")
-            self.complain(
-                "tx_backend_error",
-                f"queue {self.index}: {self.backend.name} refused a {chain.read_len}-byte "
-                f"packet: {exc}",
-            )
-        return 0
+            looped = int(self.rx.enqueue(bytes(hdr_size) + frame))
+        else:
+            try:
+                self.backend.transmit(self.pair, chain.readable)
+            except OSError as exc:
+                self.stats.drop("tx_backend_error")
+                self.complain(
+                    "tx_backend_error",
+                    f"queue {self.index}: {self.backend.name} refused a {chain.read_len}-byte "
+                    f"packet: {exc}",
+                )
+                return 0
+        self.stats.tx_frames += 1
+        self.stats.tx_bytes += chain.read_len - hdr_size
+        return looped
 
     @staticmethod
     def _check(chain: DescriptorChain, hdr_size: int, features: int) -> tuple[str, str] | None:
