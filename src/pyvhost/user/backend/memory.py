@@ -57,6 +57,9 @@ class MemoryRequests(VringRequests):
             RegionSpec(fd, r.mmap_offset, r.memory_size, r.guest_phys_addr, r.userspace_addr)
             for r, fd in zip(table.regions, msg.fds, strict=True)
         ]
+        if self.postcopy_listening:
+            # The old regions are about to be unmapped: unregister them while they still are.
+            self._uffd(msg).unregister_all()
         with self._rings_paused():
             self.mem.replace(specs)
             close_fds(msg.fds)
@@ -116,6 +119,10 @@ class MemoryRequests(VringRequests):
         region = msg.payload_as(MemRegMsg).region
         close_fds(msg.fds)  # the spec allows one fd here, to be closed unused
         self._find_region(region)
+        if self.postcopy_listening:
+            for mapped in self.mem.regions:
+                if mapped.guest_phys_addr == region.guest_phys_addr:
+                    self._uffd(msg).unregister(view_address(mapped.view), mapped.size)
         with self._rings_paused(removing=True):
             self.mem.remove_region(
                 region.guest_phys_addr, region.memory_size, region.userspace_addr
