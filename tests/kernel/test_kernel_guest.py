@@ -372,6 +372,9 @@ def test_probe_kernel_json(
     assert {"VERSION_1", "RING_EVENT_IDX", "LOG_ALL"} <= set(result["feature_names"])
     assert ("ACCESS_PLATFORM" in result["feature_names"]) == (path != SCSI)
     assert result["backend_features"] == backend
+    if path == NET:
+        assert {"MRG_RXBUF", "VHOST_NET_F_VIRTIO_NET_HDR"} <= set(result["feature_names"])
+        assert "ANY_LAYOUT" not in result["feature_names"]
     assert ("abi_version" in result) == (path == SCSI)
     if path == SCSI:
         assert result["abi_version"] == 1
