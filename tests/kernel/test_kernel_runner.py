@@ -1,6 +1,6 @@
 """Where kernel-vhost scripts run (tests/peers/kernel_runner.py): the choice between this host and
 the guest, with fake hosts; the direct mode itself with scripts that need no vhost, which run on
-any Linux host where we are root.
+any Linux host where we are root; and what a session says when a forced place is unavailable.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from peers.kernel_runner import (
     run_kernel_script,
 )
 from peers.pyguest import (
+    REPO,
     SOURCE,
     PyGuestAssets,
     PyGuestError,
@@ -371,3 +372,66 @@ def test_the_script_has_its_own_network() -> None:
     assert f" {tap}:" not in _host_links()
     shown = subprocess.run(["ip", "link", "show", tap], capture_output=True, text=True, check=False)
     assert shown.returncode != 0, shown.stdout
+
+
+# --- a session where the forced place is unavailable --------------------------------------------
+
+
+def _session(tmp_path: Path, mode: str, *tests: str) -> subprocess.CompletedProcess[str]:
+    """pytest on `tests` in a child process with $PYVHOST_KERNEL_TESTS=mode and no guest image."""
+    env = {
+        **os.environ,
+        MODE_ENV: mode,
+        "PYVHOST_PYGUEST_CACHE": str(tmp_path / "empty-cache"),
+        "PYTHONPATH": str(REPO / "src"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rsfE", "-p", "no:cacheprovider", *tests],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+VSOCK_TESTS = "tests/kernel/test_exercise_vsock.py"
+
+
+@pytest.fixture
+def no_vhost_vsock() -> None:
+    """Skip on hosts where the vsock tests could really run directly."""
+    if not direct_problems(("/dev/vhost-vsock",), modules=("vhost_vsock",)):
+        pytest.skip("this host has /dev/vhost-vsock: the forced direct session would run")
+
+
+@pytest.mark.usefixtures("no_vhost_vsock")
+def test_forced_direct_without_the_device_fails_saying_why(tmp_path: Path) -> None:
+    proc = _session(tmp_path, "direct", VSOCK_TESTS)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "PYVHOST_KERNEL_TESTS=direct, but this host cannot run the script:" in proc.stdout
+    assert "/dev/vhost-vsock missing" in proc.stdout or "not root" in proc.stdout
+    summary = proc.stdout.splitlines()[-1]
+    assert " errors in " in summary and "passed" not in summary and "skipped" not in summary
+
+
+@pytest.mark.usefixtures("no_vhost_vsock")
+def test_auto_without_guest_or_device_skips_naming_both(tmp_path: Path) -> None:
+    proc = _session(tmp_path, "auto", VSOCK_TESTS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kernel vhost is available neither in the Python guest" in proc.stdout
+    assert "scripts/fetch-pyguest" in proc.stdout and "nor directly on this host" in proc.stdout
+    assert " skipped" in proc.stdout.splitlines()[-1]
+
+
+def test_forced_guest_without_the_image_fails_and_a_bad_mode_is_refused(tmp_path: Path) -> None:
+    proc = _session(
+        tmp_path, "guest", f"{VSOCK_TESTS}::test_text_report", "tests/kernel/test_pyguest.py"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "PYVHOST_KERNEL_TESTS=guest, but the Python guest is unavailable" in proc.stdout
+    assert "Python guest unavailable" in proc.stdout, "the harness's own tests fail too"
+    proc = _session(tmp_path, "host", VSOCK_TESTS)
+    assert proc.returncode == 4
+    assert "PYVHOST_KERNEL_TESTS must be one of auto, guest, direct, not 'host'" in proc.stderr
