@@ -1,12 +1,14 @@
 """Where kernel-vhost scripts run (tests/peers/kernel_runner.py): the choice between this host and
 the guest, with fake hosts; the direct mode itself with scripts that need no vhost, which run on
-any Linux host where we are root; and what a session says when a forced place is unavailable.
+any Linux host where we are root; what a session says when a forced place is unavailable; and, in
+the guest, which has vhost, kernel test modules run there directly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,12 +33,14 @@ from peers.kernel_runner import (
     run_direct,
     run_kernel_script,
 )
+from peers.lio import MODULES as LIO_MODULES
 from peers.pyguest import (
     REPO,
     SOURCE,
     PyGuestAssets,
     PyGuestError,
     PyGuestTimeoutError,
+    run_in_guest,
 )
 
 ASSETS = PyGuestAssets(Path("/k"), Path("/i"), Path("/img"), "6.1.0-test")
@@ -435,3 +439,42 @@ def test_forced_guest_without_the_image_fails_and_a_bad_mode_is_refused(tmp_path
     proc = _session(tmp_path, "host", VSOCK_TESTS)
     assert proc.returncode == 4
     assert "PYVHOST_KERNEL_TESTS must be one of auto, guest, direct, not 'host'" in proc.stderr
+
+
+IN_GUEST_SESSION = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    env = {**os.environ, "PYVHOST_KERNEL_TESTS": "direct", "PYTHONPATH": os.path.abspath("src")}
+    argv = [sys.executable, "-m", "pytest", "-q", "-rsfE", "-p", "no:cacheprovider", *sys.argv[1:]]
+    sys.exit(subprocess.run(argv, env=env).returncode)
+    """
+)
+DIRECT_IN_GUEST = (
+    "tests/kernel/test_exercise_net.py",
+    "tests/kernel/test_kernel_guest.py",
+    "tests/kernel/test_vhost_scsi.py",
+)
+"""A TAP and vhost-net in the namespace; three devices on a 6.1 kernel; LIO, configfs, rtslib."""
+
+
+@pytest.mark.guest
+@pytest.mark.kernel
+def test_kernel_tests_run_directly_on_a_host_with_vhost(
+    pyguest: PyGuestAssets, tmp_path: Path
+) -> None:
+    """The guest is such a host (root, /dev/vhost-*, Linux 6.1, rtslib): there, forced direct,
+    these modules pass without a skip, so the direct mode works with real devices."""
+    tests = tmp_path / "tests"
+    shutil.copytree(REPO / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
+    result = run_in_guest(
+        IN_GUEST_SESSION,
+        timeout=240,
+        mem="1G",
+        assets=pyguest,
+        files={"tests": tests, "pyproject.toml": REPO / "pyproject.toml", "src/pyvhost": SOURCE},
+        modules=(*NET_MODULES, "vhost_vsock", *LIO_MODULES),
+        argv=DIRECT_IN_GUEST,
+    )
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary and "error" not in summary, summary
