@@ -1,8 +1,8 @@
-"""KernelNetDevice in the test guest: a vhost-user net back-end whose data path is the kernel's
-vhost-net. pyvhost's own front-end and guest driver (DriverSession + NetDriver) connect over
-vhost-user; frames go both ways between their rings and a TAP without passing through the
-daemon's Python; dirty logging set up over vhost-user marks what the kernel wrote; a second
-front-end after the first left gets a fresh kernel session.
+"""KernelNetDevice where kernel vhost is (the test guest, or a host that has it): a vhost-user
+net back-end whose data path is the kernel's vhost-net. pyvhost's own front-end and guest driver
+(DriverSession + NetDriver) connect over vhost-user; frames go both ways between their rings and
+a TAP without passing through the daemon's Python; dirty logging set up over vhost-user marks
+what the kernel wrote; a second front-end after the first left gets a fresh kernel session.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from peers.pyguest import PyGuestAssets, run_in_guest
+from peers.kernel_runner import KernelRunner
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
@@ -108,9 +108,9 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def run(pyguest: PyGuestAssets) -> dict[str, Any]:
-    result = run_in_guest(
-        SCRIPT, timeout=240, argv=[str(FRAMES)], modules=["tun", "vhost_net"], assets=pyguest
+def run(kernel_runner: KernelRunner) -> dict[str, Any]:
+    result = kernel_runner.run(
+        SCRIPT, timeout=240, argv=[str(FRAMES)], modules=["tun", "vhost_net"]
     ).check()
     data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return data
