@@ -10,28 +10,13 @@ kernel) and translates ring addresses accordingly. :func:`start_ring` is the usu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pyvhost.errors import GuestMemoryError
 from pyvhost.virtio.memory import DirtyLog, GuestMemory, Region
+from pyvhost.virtio.ring import RingAddresses
 
 __all__ = ["RingAddresses", "VhostControl", "region_for", "start_ring"]
-
-
-@dataclass(frozen=True)
-class RingAddresses:
-    """Where a ring's three areas are, as guest-physical addresses (virtio 1.x names).
-
-    Split rings: descriptor table, available ring (driver area), used ring (device area).
-    Packed rings: descriptor ring, driver event suppression, device event suppression.
-    ``log``: the back-end logs its writes to the device area in the dirty log (LOG_ALL).
-    """
-
-    desc: int
-    driver: int
-    device: int
-    log: bool = False
 
 
 @runtime_checkable

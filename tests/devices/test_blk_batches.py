@@ -17,6 +17,7 @@ from pyvhost.devices.blk import (
 )
 from pyvhost.virtio.chain import DescriptorChain
 from pyvhost.virtio.memory import GuestMemory
+from pyvhost.virtio.ring import RingAddresses
 
 HEADER = struct.Struct("<IIQ")
 
@@ -30,6 +31,7 @@ class RecordingQueue:
         self.pushes: list[list[int]] = []
         self.notify = notify
         self.size = 256
+        self.areas = RingAddresses(0, 0, 0)
 
     def pop(self) -> DescriptorChain | None:
         return self.chains.pop(0) if self.chains else None

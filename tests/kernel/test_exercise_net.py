@@ -1,7 +1,8 @@
-"""`pyvhost exercise net --kernel /dev/vhost-net` in the test guest: the kernel's vhost-net moves
-frames both ways between rings this process owns and a TAP, every byte compared.
+"""`pyvhost exercise net --kernel /dev/vhost-net` in the test guest or directly on a host with it
+(tests/peers/kernel_runner.py): the kernel's vhost-net moves frames both ways between rings this
+process owns and a TAP, every byte compared.
 
-One guest boot runs every variant (about 2 s each under TCG) and reports JSON per variant.
+One run (one guest boot) does every variant (about 2 s each under TCG) and reports JSON per variant.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from peers.pyguest import PyGuestAssets, run_in_guest
+from peers.kernel_runner import KernelRunner
 from pyvhost.kernel.devices import VHOST_NET_F_VIRTIO_NET_HDR
 from pyvhost.virtio import features as vf
 
@@ -60,13 +61,12 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def runs(pyguest: PyGuestAssets) -> dict[str, Any]:
-    result = run_in_guest(
+def runs(kernel_runner: KernelRunner) -> dict[str, Any]:
+    result = kernel_runner.run(
         SCRIPT,
         timeout=300,
         argv=[json.dumps(VARIANTS), str(FRAMES)],
         modules=["tun", "vhost_net"],
-        assets=pyguest,
     ).check()
     data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return data

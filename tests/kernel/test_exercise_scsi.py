@@ -1,6 +1,7 @@
-"""`pyvhost exercise scsi --kernel /dev/vhost-scsi` in the test guest against a LIO fileio LUN
-(made with tests/peers/lio.py): the commands go through rings this process owns and the kernel's
-vhost-scsi, and the written blocks are found in the backing file afterwards.
+"""`pyvhost exercise scsi --kernel /dev/vhost-scsi` in the test guest (or directly on a host with
+vhost-scsi, LIO and rtslib) against a LIO fileio LUN (made with tests/peers/lio.py): the commands
+go through rings this process owns and the kernel's vhost-scsi, and the written blocks are found
+in the backing file afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from peers import lio
-from peers.pyguest import PyGuestAssets, run_in_guest
+from peers.kernel_runner import KernelRunner
 from pyvhost.cli.exercise_scsi import pattern
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
@@ -58,14 +59,14 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def runs(pyguest: PyGuestAssets) -> dict[str, Any]:
-    result = run_in_guest(
+def runs(kernel_runner: KernelRunner) -> dict[str, Any]:
+    result = kernel_runner.run(
         SCRIPT,
         timeout=300,
         argv=[str(IOS), WRONG_WWPN],
         files={lio.GUEST_NAME: Path(lio.__file__)},
         modules=lio.MODULES,
-        assets=pyguest,
+        imports=lio.IMPORTS,
     ).check()
     data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return data

@@ -1,8 +1,8 @@
 """/dev/vhost-scsi endpoint handling against a real LIO target, in the test guest (Linux 6.1).
 
-One guest run (tests/kernel/vhost_scsi_guest.py, about 6 s) makes a fileio LUN behind a vhost
-target with tests/peers/lio.py, goes through the steps and reports them as JSON; each test here
-checks one step. The host-side tests at the end need no guest.
+One run (tests/kernel/vhost_scsi_guest.py, about 6 s; directly only on a 6.1 host with rtslib)
+makes a fileio LUN behind a vhost target with tests/peers/lio.py, goes through the steps and
+reports them as JSON; each test here checks one step. The host-side tests at the end need neither.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from peers import lio, pyguest
 from peers.guest import Kernel
-from peers.pyguest import PyGuestAssets, image_key, run_in_guest
+from peers.kernel_runner import KernelRunner
+from peers.pyguest import image_key
 from pyvhost.kernel import KernelVhostError, VhostScsi
 from pyvhost.kernel.ioctl import Ioctl
 
@@ -27,14 +28,15 @@ DEVICE = "/dev/vhost-scsi"
 
 
 @pytest.fixture(scope="module")
-def steps(pyguest: PyGuestAssets) -> dict[str, Any]:
-    """The guest's record of every step (one boot for the whole module)."""
-    result = run_in_guest(
+def steps(kernel_runner: KernelRunner) -> dict[str, Any]:
+    """The record of every step (one run for the whole module; directly only on a 6.1 host)."""
+    result = kernel_runner.run(
         GUEST_SCRIPT,
         timeout=180,
-        assets=pyguest,
         files={lio.GUEST_NAME: Path(lio.__file__)},
         modules=lio.MODULES,
+        imports=lio.IMPORTS,
+        kernel_release="6.1.",
     ).check()
     record: dict[str, Any] = json.loads(result.stdout)
     record["duration_s"] = result.duration_s

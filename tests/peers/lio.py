@@ -1,11 +1,12 @@
-"""A LIO vhost-scsi target for tests that run inside the test guest (tests/peers/pyguest.py).
+"""A LIO vhost-scsi target for kernel-vhost test scripts (tests/peers/kernel_runner.py).
 
-Run in the guest, never on the host: it needs the guest's configfs, the modules
-``target_core_mod``, ``target_core_file`` and ``vhost_scsi`` (:data:`MODULES`, loaded by the
-runner before the script) and Debian's ``python3-rtslib-fb`` (the library targetcli is built on).
+Run by a test script, in the guest or directly on a host (where LIO's configuration is the whole
+host's): it needs configfs, the modules ``target_core_mod``, ``target_core_file`` and
+``vhost_scsi`` (:data:`MODULES`, loaded by the runner before the script) and Debian's
+``python3-rtslib-fb`` (the library targetcli is built on; :data:`IMPORTS`).
 :func:`create_target` makes a fileio backstore on a sparse file of N MiB, a vhost target with an
 ``naa.`` WWPN, a portal group (TPG tag) with its I_T nexus and one LUN; :meth:`LioTarget.delete`
-(or the :func:`vhost_target` context) takes all of it down again. A guest script imports this
+(or the :func:`vhost_target` context) takes all of it down again. A script imports this
 file from ``$PYGUEST_FILES`` after passing it in ``files=`` (see :data:`GUEST_NAME`).
 """
 
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 MODULES: tuple[str, ...] = ("target_core_mod", "target_core_file", "vhost_scsi")
-"""For ``run_in_guest(modules=...)``. A chroot without module autoloading needs the backstore's
+"""For the runner's ``modules=``. A chroot without module autoloading needs the backstore's
 module loaded by hand (GUEST.md). rtslib would load the fabric itself as ``tcm_vhost`` (the
 driver's old name, still an alias of vhost_scsi in 6.1), but loading it up front is simpler."""
+IMPORTS: tuple[str, ...] = ("rtslib_fb",)
+"""For ``run_kernel_script(imports=...)``: a script using this file runs directly only where the
+interpreter finds rtslib."""
 GUEST_NAME = "lio.py"
-"""The name to give this file in ``run_in_guest(files=...)``."""
+"""The name to give this file in the runner's ``files=``."""
 CONFIGFS = Path("/sys/kernel/config/target")
 DEFAULT_WWPN = "naa.5001405c0ffee000"
 """rtslib accepts ``naa.`` + 16 hex digits starting with 1, 2 or 5 (it rewrites ``naa.6``)."""

@@ -132,10 +132,11 @@ class PyGuestResult:
     stdout: str
     stderr: str
     console: str
+    """Empty when the script ran directly on the host (tests/peers/kernel_runner.py)."""
     files_out: dict[str, bytes]
     duration_s: float
     status: dict[str, object]
-    """The runner's own record: guest python and kernel version, setup and script seconds."""
+    """The runner's own record: `mode` (guest or direct), python and kernel version, seconds."""
 
     def check(self) -> PyGuestResult:
         """Return self, or raise PyGuestError with stdout, stderr and the console tail."""
@@ -439,35 +440,23 @@ def _relative(name: str) -> Path:
     return path
 
 
-def stage_work_tree(
-    stage: Path,
-    script: str | Path,
-    files: Mapping[str, bytes | Path],
-    job: Mapping[str, object],
-    source: Path = SOURCE,
-) -> None:
-    """Lay out the work disk's tree: runner, job.json, the script, src/<package>, files/."""
-    destinations = {name: _relative(name) for name in files}
-    stage.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RUNNER, stage / RUNNER.name)
+def write_script(folder: Path, script: str | Path) -> str:
+    """Write `script` (Python source, or a Path to a .py file) into `folder`; return its name."""
     if isinstance(script, Path):
         name = script.name
         text = script.read_text()
     else:
         name, text = "main.py", script
-    (stage / name).write_text(text)
-    (stage / "job.json").write_text(json.dumps({**job, "script": name}))
-    package = stage / "src" / source.name
-    shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    compileall.compile_dir(
-        package,
-        quiet=1,
-        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-    )
-    for sub in ("files", "out", "result"):
-        (stage / sub).mkdir()
-    for name_, content in files.items():
-        dest = stage / "files" / destinations[name_]
+    (folder / name).write_text(text)
+    return name
+
+
+def stage_files(folder: Path, files: Mapping[str, bytes | Path]) -> None:
+    """Put `files` (name -> bytes, or a host file or folder) under `folder`, names checked first."""
+    destinations = {name: _relative(name) for name in files}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        dest = folder / destinations[name]
         dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             if content.is_dir():
@@ -476,6 +465,32 @@ def stage_work_tree(
                 shutil.copy(content, dest)
         else:
             dest.write_bytes(content)
+
+
+def stage_work_tree(
+    stage: Path,
+    script: str | Path,
+    files: Mapping[str, bytes | Path],
+    job: Mapping[str, object],
+    source: Path = SOURCE,
+) -> None:
+    """Lay out the work disk's tree: runner, job.json, the script, src/<package>, files/."""
+    for name in files:
+        _relative(name)
+    stage.mkdir(parents=True, exist_ok=True)
+    shutil.copy(RUNNER, stage / RUNNER.name)
+    name = write_script(stage, script)
+    (stage / "job.json").write_text(json.dumps({**job, "script": name}))
+    package = stage / "src" / source.name
+    shutil.copytree(source, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    compileall.compile_dir(
+        package,
+        quiet=1,
+        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+    )
+    for sub in ("out", "result"):
+        (stage / sub).mkdir()
+    stage_files(stage / "files", files)
 
 
 def read_back(image: Path, dest: Path) -> tuple[Path, Path]:
@@ -604,7 +619,7 @@ def _collect(vm: QemuVM, port: int, disk: Path, back: Path, duration: float) -> 
         console=vm.console,
         files_out=_files_under(out_dir),
         duration_s=duration,
-        status=status,
+        status={**status, "mode": "guest"},
     )
 
 

@@ -43,6 +43,7 @@ from pyvhost.kernel import (
     VhostVsock,
     open_device,
 )
+from pyvhost.kernel.devices import VHOST_NET_F_VIRTIO_NET_HDR
 from pyvhost.user.frontend import Frontend
 from pyvhost.user.messages import (
     F_PROTOCOL_FEATURES,
@@ -50,7 +51,7 @@ from pyvhost.user.messages import (
     ProtocolFeature,
     protocol_feature_names,
 )
-from pyvhost.virtio.features import DEVICE_FEATURES, DEVICE_IDS, feature_names
+from pyvhost.virtio.features import DEVICE_FEATURES, DEVICE_IDS, feature_names, has_bit
 
 __all__ = [
     "BLK_CONFIG_SIZE",
@@ -279,7 +280,7 @@ def probe_kernel(path: str, device_type: str | None = None) -> dict[str, Any]:
             "device_type": told,
             "device_type_from": source if told is not None else None,
             "features": features,
-            "feature_names": feature_names(features, told),
+            "feature_names": _kernel_feature_names(features, told, device),
             "backend_features": _backend_features(device),
         }
         if isinstance(device, VhostScsi):
@@ -289,6 +290,15 @@ def probe_kernel(path: str, device_type: str | None = None) -> dict[str, Any]:
             result["config"] = device.get_config(0, device.get_config_size()).hex()
             result["queue_num"] = device.get_vring_num()
     return result
+
+
+def _kernel_feature_names(features: int, told: str | None, device: VhostKernelDevice) -> list[str]:
+    """Feature names; on vhost-net bit 27 is the kernel's VHOST_NET_F_VIRTIO_NET_HDR (the number
+    legacy virtio calls ANY_LAYOUT)."""
+    names = feature_names(features, told)
+    if isinstance(device, VhostNet) and has_bit(features, VHOST_NET_F_VIRTIO_NET_HDR):
+        names = ["VHOST_NET_F_VIRTIO_NET_HDR" if n == "ANY_LAYOUT" else n for n in names]
+    return names
 
 
 def _backend_features(device: VhostKernelDevice) -> int | None:

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from pyvhost.virtio.chain import DescriptorChain
     from pyvhost.virtio.memory import GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
+    from pyvhost.virtio.ring import RingAddresses
 
 __all__ = ["DRAIN_TIMEOUT", "EventLoop", "QueueOwner", "ResumedQueue"]
 
@@ -128,6 +129,10 @@ class ResumedQueue:
     @property
     def size(self) -> int:
         return self.inner.size
+
+    @property
+    def areas(self) -> RingAddresses:
+        return self.inner.areas
 
     def pop(self) -> DescriptorChain | None:
         if self.pending:

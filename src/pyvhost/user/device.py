@@ -29,7 +29,7 @@ from pyvhost.virtio.features import F_VERSION_1
 
 if TYPE_CHECKING:
     from pyvhost.user.channel import Channel
-    from pyvhost.virtio.memory import GuestMemory
+    from pyvhost.virtio.memory import DirtyLog, GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
 __all__ = [
@@ -63,6 +63,11 @@ class VringNotifier:
     def kick_fd(self) -> int | None:
         """An eventfd that becomes readable when the driver kicks; None means poll the ring."""
         return self._kick_fd
+
+    @property
+    def err_fd(self) -> int | None:
+        """The eventfd signalled on a ring error (SET_VRING_ERR), if any."""
+        return self._err_fd
 
     @property
     def call_fd(self) -> int | None:
@@ -222,8 +227,23 @@ class BackendDevice(abc.ABC):
         """Ring ``index`` started: process ``queue`` when ``notifier.kick_fd`` is readable."""
 
     @abc.abstractmethod
-    def queue_stopped(self, index: int) -> None:
-        """Ring ``index`` stopped: stop touching its queue before returning."""
+    def queue_stopped(self, index: int) -> int | None:
+        """Ring ``index`` stopped: stop touching its queue before returning.
+
+        A device whose rings something else runs (the kernel's vhost) returns where the ring
+        stopped (GET_VRING_BASE's answer); None means the handler's queue knows.
+        """
+
+    def queue_notifier_changed(self, index: int, notifier: VringNotifier) -> None:  # noqa: B027
+        """The call or error eventfd of started ring ``index`` changed (SET_VRING_CALL / ERR);
+        only a device that handed the old one to someone else (the kernel) needs to act."""
+
+    def dirty_log_changed(self, log: DirtyLog | None) -> None:  # noqa: B027 (optional hook)
+        """Logging of writes to guest memory started (LOG_ALL acked and a log given) or stopped.
+
+        The handler's rings and chains log by themselves; a device that writes guest memory by
+        other means (the kernel's vhost) must hand the log on.
+        """
 
     def queue_enabled(self, index: int, enabled: bool) -> None:  # noqa: B027 (optional hook)
         """Ring ``index`` was enabled or disabled (a disabled ring is processed without effects)."""

@@ -98,6 +98,17 @@ class Userfaultfd:
         self._ioctl(_UFFDIO_REGISTER, buf, f"UFFDIO_REGISTER {start:#x}+{size:#x}")
         self.registered.append((start, size))
 
+    def unregister(self, address: int, length: int) -> None:
+        """Unregister one range registered before (while it is still mapped: an unmapped range
+        cannot be unregistered, the kernel answers EINVAL)."""
+        start, size = _page_span(address, length)
+        self.registered.remove((start, size))
+        self._ioctl(
+            _UFFDIO_UNREGISTER,
+            bytearray(_RANGE.pack(start, size)),
+            f"UFFDIO_UNREGISTER {start:#x}+{size:#x}",
+        )
+
     def unregister_all(self) -> None:
         """Unregister every range registered so far; the first failure is raised at the end."""
         failure: UserfaultfdError | None = None

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from pyvhost.virtio.chain import DescriptorChain
+from pyvhost.virtio.ring import RingAddresses
 
 __all__ = ["DeviceQueue", "SplitInflightHooks"]
 
@@ -30,6 +31,11 @@ class DeviceQueue(Protocol):
     @property
     def size(self) -> int:
         """Number of descriptors (queue size)."""
+        ...
+
+    @property
+    def areas(self) -> RingAddresses:
+        """The ring's areas in guest memory, and whether device-area writes are logged."""
         ...
 
     def pop(self) -> DescriptorChain | None:

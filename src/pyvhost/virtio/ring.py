@@ -10,6 +10,7 @@ slow paths map buffers with :func:`map_buffer` and gather a chain in :class:`Cha
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import dataclass
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.chain import EMPTY, MAX_INDIRECT_DESCRIPTORS, DescriptorChain
@@ -27,6 +28,7 @@ __all__ = [
     "U32_LIMIT",
     "ChainParts",
     "FastTable",
+    "RingAddresses",
     "RingQueue",
     "map_buffer",
     "ring_view",
@@ -144,6 +146,21 @@ class ChainParts:
         )
 
 
+@dataclass(frozen=True)
+class RingAddresses:
+    """Where a ring's three areas are, as guest-physical addresses (virtio 1.x names).
+
+    Split rings: descriptor table, available ring (driver area), used ring (device area).
+    Packed rings: descriptor ring, driver event suppression, device event suppression.
+    ``log``: writes to the device area are logged in the dirty log (LOG_ALL).
+    """
+
+    desc: int
+    driver: int
+    device: int
+    log: bool = False
+
+
 class RingQueue:
     """State every device-side queue has whatever its layout: limits and the broken flag.
 
@@ -160,8 +177,11 @@ class RingQueue:
         indirect: bool,
         queue_index: int,
         max_chain_len: int | None,
+        areas: RingAddresses,
     ) -> None:
         self.size = size
+        self.areas = areas
+        """The ring's areas in guest memory (what a kernel data path is handed)."""
         self.queue_index = queue_index
         self.event_idx = event_idx
         self.indirect = indirect

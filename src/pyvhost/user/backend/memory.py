@@ -35,13 +35,16 @@ class MemoryRequests(VringRequests):
     """Guest memory and its dirty log; rings using a region are paused while it changes."""
 
     def _apply_log(self) -> None:
-        """Attach the dirty log to guest memory while LOG_ALL is acked; detach and drop it after."""
+        """Attach the dirty log to guest memory while LOG_ALL is acked; detach and drop it after.
+        The device hears of each change (a kernel data path hands the log on)."""
         if has_bit(self.features, F_LOG_ALL):
             if self._dirty_log is not None and self.mem.log is not self._dirty_log:
                 self.mem.set_log(self._dirty_log)
+                self.device.dirty_log_changed(self._dirty_log)
         elif self.mem.log is not None:
             self.mem.set_log(None)
             self._dirty_log = None
+            self.device.dirty_log_changed(None)
 
     def _replace_log_fd(self, fd: int | None) -> None:
         old, self._log_fd = self._log_fd, fd
@@ -54,6 +57,9 @@ class MemoryRequests(VringRequests):
             RegionSpec(fd, r.mmap_offset, r.memory_size, r.guest_phys_addr, r.userspace_addr)
             for r, fd in zip(table.regions, msg.fds, strict=True)
         ]
+        if self.postcopy_listening:
+            # The old regions are about to be unmapped: unregister them while they still are.
+            self._uffd(msg).unregister_all()
         with self._rings_paused():
             self.mem.replace(specs)
             self.repeated_regions.clear()
@@ -132,6 +138,10 @@ class MemoryRequests(VringRequests):
             )
             return
         self._find_region(region)
+        if self.postcopy_listening:
+            for mapped in self.mem.regions:
+                if mapped.guest_phys_addr == region.guest_phys_addr:
+                    self._uffd(msg).unregister(view_address(mapped.view), mapped.size)
         with self._rings_paused(removing=True):
             self.mem.remove_region(
                 region.guest_phys_addr, region.memory_size, region.userspace_addr

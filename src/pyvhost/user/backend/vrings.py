@@ -133,10 +133,11 @@ class VringRequests(HandlerCore):
         if queue is None:
             return
         vring.queue = None
+        reported = None
         try:
-            self.device.queue_stopped(vring.index)
+            reported = self.device.queue_stopped(vring.index)
         finally:
-            vring.base = queue.get_base()
+            vring.base = queue.get_base() if reported is None else reported
             log.info("%s: vring %d stopped at base %#x", self.name, vring.index, vring.base)
 
     @contextlib.contextmanager
@@ -271,6 +272,8 @@ class VringRequests(HandlerCore):
         call costs the driver one look at its used ring)."""
         vring, fd = self._vring_fd(msg)
         vring.notifier.set_call_fd(fd)
+        if vring.started:
+            self.device.queue_notifier_changed(vring.index, vring.notifier)
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.eventfd_write(fd, 1)
@@ -278,6 +281,8 @@ class VringRequests(HandlerCore):
     def _set_vring_err(self, msg: Message) -> None:
         vring, fd = self._vring_fd(msg)
         vring.notifier.set_err_fd(fd)
+        if vring.started:
+            self.device.queue_notifier_changed(vring.index, vring.notifier)
 
     def _set_vring_enable(self, msg: Message) -> None:
         state = msg.payload_as(VringState)

@@ -53,6 +53,7 @@ from pyvhost.virtio.packed.layout import (
 from pyvhost.virtio.ring import (
     U32_LIMIT,
     FastTable,
+    RingAddresses,
     RingQueue,
     map_buffer,
     ring_view,
@@ -105,6 +106,7 @@ class PackedQueue(RingQueue):
             indirect=indirect,
             queue_index=queue_index,
             max_chain_len=max_chain_len,
+            areas=RingAddresses(desc_gpa, driver_event_gpa, device_event_gpa, log_used),
         )
         self._ring = ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
         self._ring16 = self._ring.cast("H")

@@ -28,6 +28,7 @@ from pyvhost.virtio.ring import (
     U32_LIMIT,
     ChainParts,
     FastTable,
+    RingAddresses,
     RingQueue,
     map_buffer,
     ring_view,
@@ -104,6 +105,7 @@ class SplitQueue(RingQueue):
             indirect=indirect,
             queue_index=queue_index,
             max_chain_len=max_chain_len,
+            areas=RingAddresses(desc_gpa, avail_gpa, used_gpa, log_used),
         )
         self._mask = size - 1
         self._desc = ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
