@@ -8,6 +8,7 @@ releases every fd, every mapping of a memfd and every thread, whatever came befo
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import select
 import socket
@@ -450,6 +451,28 @@ def test_overlapping_add_mem_reg(h: Harness, caplog: pytest.LogCaptureFixture) -
     nack(h, Request.ADD_MEM_REG, MemRegMsg(region), [_memfd(0x10000)])
     assert "overlaps" in caplog.text
     assert 0 in h.device.queues
+
+
+def test_a_region_added_again_is_kept_once_and_removed_as_often(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU 7.2 sends ADD_MEM_REG (and REM_MEM_REG) once per vhost device: a multiqueue net
+    device has one per queue pair, all on one connection."""
+    caplog.set_level(logging.INFO, "pyvhost.backend")
+    h.setup(packed=False)
+    region = MemRegMsg(MemoryRegion(0, MEM_SIZE, UVA, 0))
+    h.request(Request.ADD_MEM_REG, region, (h.guest_fd,))
+    h.request(Request.ADD_MEM_REG, region, (h.guest_fd,))
+    assert len(h.handler.mem) == 1 and 0 in h.device.queues
+    assert "memory region added again, kept once" in caplog.text
+    h.request(Request.REM_MEM_REG, region)
+    h.request(Request.REM_MEM_REG, region)
+    assert len(h.handler.mem) == 1 and 0 in h.device.queues, "still mapped once"
+    assert "memory region removed once of 3" in caplog.text
+    h.request(Request.REM_MEM_REG, region)
+    assert len(h.handler.mem) == 0
+    nack(h, Request.REM_MEM_REG, region, [])
+    assert "no memory region with gpa 0x0" in caplog.text
 
 
 def test_rem_mem_reg_of_an_unknown_region_is_refused(

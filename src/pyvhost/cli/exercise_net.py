@@ -1,10 +1,14 @@
-"""``pyvhost exercise net --kernel DEV --tap NAME``: this process is the VMM and the guest.
+"""``pyvhost exercise net``: this process is the VMM and the guest of a net device.
 
-It creates (or attaches) the TAP, hands vhost-net its memory, rings and the TAP, then sends
-``--frames`` frames through the transmit ring and sees each arrive on the interface (an AF_PACKET
-socket bound to it: vhost transmit is the host stack *receiving*), then sends as many out of the
-interface and finds each in a posted receive buffer behind a valid virtio-net header. Every byte
-is compared. Exits 1 on any loss, duplicate or mismatch.
+``--socket PATH`` drives a vhost-user net back-end (see :mod:`pyvhost.cli.exercise_net_socket`):
+loopback (every frame comes back, compared), ``--tx-only`` (a sink: completions counted), or
+``--tap NAME`` (the back-end's TAP: frames both ways through it, as below).
+
+``--kernel DEV --tap NAME``: it creates (or attaches) the TAP, hands vhost-net its memory,
+rings and the TAP, then sends ``--frames`` frames through the transmit ring and sees each arrive
+on the interface (an AF_PACKET socket bound to it: vhost transmit is the host stack *receiving*),
+then sends as many out of the interface and finds each in a posted receive buffer behind a valid
+virtio-net header. Every byte is compared. Exits 1 on any loss, duplicate or mismatch.
 """
 
 from __future__ import annotations
@@ -27,7 +31,18 @@ from pyvhost.virtio import features as vf
 from pyvhost.virtio.memory import PAGE_SIZE, DirtyLog
 from pyvhost.virtio.net import ETH_HEADER_LEN
 
-__all__ = ["NetExerciseOptions", "NetExerciseResult", "add_parser", "frame", "run", "run_net"]
+__all__ = [
+    "NetExerciseOptions",
+    "NetExerciseResult",
+    "TapRun",
+    "add_parser",
+    "disable_ipv6",
+    "frame",
+    "packet_socket",
+    "parse_frame",
+    "run",
+    "run_net",
+]
 
 MAGIC = b"PVHXNET1"
 ETHERTYPE = 0x88B5
@@ -57,7 +72,7 @@ def frame(direction: int, seq: int, size: int) -> bytes:
     return head + body
 
 
-def _parse(data: bytes) -> tuple[int, int] | None:
+def parse_frame(data: bytes) -> tuple[int, int] | None:
     """(direction, seq) of one of our frames, or None for anything else on the wire."""
     at = ETH_HEADER_LEN
     if len(data) < _MIN_SIZE or data[12:14] != ETHERTYPE.to_bytes(2, "big"):
@@ -70,10 +85,12 @@ def _parse(data: bytes) -> tuple[int, int] | None:
 
 @dataclass
 class NetExerciseOptions:
-    """What to run: the device, the TAP, how many frames of what size, which features."""
+    """What to run: the device (a kernel device or a socket), the TAP, how many frames of what
+    size, which features."""
 
-    kernel: str
-    tap: str
+    kernel: str | None
+    tap: str | None
+    socket: str | None = None
     frames: int = 1000
     size: int = 128
     queue_size: int = 256
@@ -82,6 +99,9 @@ class NetExerciseOptions:
     kernel_header: bool = False
     dirty_log: bool = False
     timeout: float = 30.0
+    seconds: float | None = None
+    tx_only: bool = False
+    packed: bool = False
 
 
 @dataclass
@@ -89,7 +109,8 @@ class NetExerciseResult:
     """What happened; ``ok`` when every frame arrived once, intact, both ways."""
 
     device: str
-    tap: str
+    tap: str | None
+    mode: str = "kernel"
     features: int = 0
     tx_frames: int = 0
     rx_frames: int = 0
@@ -124,7 +145,7 @@ def _features_mask(opts: NetExerciseOptions) -> int:
     return mask
 
 
-def _disable_ipv6(name: str) -> None:
+def disable_ipv6(name: str) -> None:
     """Keep the host's IPv6 router and MLD frames out of the receive ring."""
     with (
         contextlib.suppress(OSError),
@@ -133,15 +154,16 @@ def _disable_ipv6(name: str) -> None:
         f.write("1")
 
 
-class _Run:
-    """One exercise: the session, the driver, the TAP and the packet socket."""
+class TapRun:
+    """Frames both ways between a driver session and a TAP, seen there with a packet socket
+    (the kernel exercise, and the socket exercise with ``--tap``)."""
 
     def __init__(
         self,
         opts: NetExerciseOptions,
         result: NetExerciseResult,
         session: DriverSession,
-        tap: Tap,
+        tap: str,
         wire: socket.socket,
     ) -> None:
         self.opts = opts
@@ -177,7 +199,7 @@ class _Run:
         if len(seen) < opts.frames:
             missing = sorted(set(range(opts.frames)) - seen)
             result.error(
-                f"transmit: {len(missing)} of {opts.frames} frames never reached {self.tap.name} "
+                f"transmit: {len(missing)} of {opts.frames} frames never reached {self.tap} "
                 f"within {opts.timeout:g} s (first missing: {missing[:5]}){self._socket_drops()}"
             )
 
@@ -199,7 +221,7 @@ class _Run:
             n += 1
             if addr[2] == _PACKET_OUTGOING:
                 continue
-            parsed = _parse(data)
+            parsed = parse_frame(data)
             if parsed is None or parsed[0] != _TX:
                 self.result.foreign_frames += 1
                 continue
@@ -239,20 +261,20 @@ class _Run:
         if len(seen) < opts.frames:
             missing = sorted(set(range(opts.frames)) - seen)
             result.error(
-                f"receive: {len(missing)} of {opts.frames} frames sent out of {self.tap.name} "
+                f"receive: {len(missing)} of {opts.frames} frames sent out of {self.tap} "
                 f"never reached a receive buffer (first missing: {missing[:5]})"
             )
 
     def _received(self, got: Received, seen: set[int]) -> None:
         self.rx_gpas.extend(got.addresses)
-        parsed = _parse(got.frame)
+        parsed = parse_frame(got.frame)
         if parsed is None or parsed[0] != _RX:
             self.result.foreign_frames += 1
             return
         self._check(got.frame, _RX, parsed[1], seen, "receive")
 
 
-def _check_log(run: _Run, log: DirtyLog, log_event: int) -> None:
+def _check_log(run: TapRun, log: DirtyLog, log_event: int) -> None:
     """Every page the kernel wrote (receive buffers, used rings) is marked; the eventfd fired."""
     result, session = run.result, run.session
     result.dirty_pages = len(log.dirty_pages())
@@ -278,20 +300,30 @@ def run_net(opts: NetExerciseOptions) -> NetExerciseResult:
     """Run the exercise; errors of the device or the TAP propagate as VhostError."""
     if not _MIN_SIZE <= opts.size <= MAX_FRAME:
         raise ValueError(f"--size {opts.size}: frames are {_MIN_SIZE}..{MAX_FRAME} bytes")
-    result = NetExerciseResult(opts.kernel, opts.tap)
-    device = VhostNet(opts.kernel)
+    if opts.socket is not None:
+        from pyvhost.cli.exercise_net_socket import run_socket
+
+        return run_socket(opts)
+    if opts.kernel is None or opts.tap is None:
+        raise ValueError("--kernel needs --tap NAME (the TAP this process gives vhost-net)")
+    if opts.tx_only or opts.seconds is not None or opts.packed:
+        raise ValueError("--tx-only, --seconds and --packed are for --socket")
+    return _run_kernel(opts, opts.kernel, opts.tap)
+
+
+def _run_kernel(opts: NetExerciseOptions, kernel: str, tap_name: str) -> NetExerciseResult:
+    """Through kernel vhost-net and a TAP of this process (the body of :func:`run_net`)."""
+    result = NetExerciseResult(kernel, tap_name)
+    device = VhostNet(kernel)
     stack = contextlib.ExitStack()
     with stack:
         stack.callback(device.close)
-        tap = Tap.open(opts.tap, vnet_hdr=not opts.kernel_header)
+        tap = Tap.open(tap_name, vnet_hdr=not opts.kernel_header)
         stack.callback(tap.close)
-        _disable_ipv6(tap.name)
+        disable_ipv6(tap.name)
         tap.set_up()
         result.tap = tap.name
-        wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
-        stack.callback(wire.close)
-        _big_receive_buffer(wire)
-        wire.bind((tap.name, 0))
+        wire = packet_socket(tap.name, stack)
         mem = max(16 << 20, 2 * opts.queue_size * (opts.size + 4096))
         # Made before the session, so it is unmapped only after the device is closed.
         log = _make_log(DEFAULT_GPA_BASE + mem, stack) if opts.dirty_log else None
@@ -304,7 +336,7 @@ def run_net(opts: NetExerciseOptions) -> NetExerciseResult:
         )
         stack.callback(session.close)
         result.features = session.features
-        run = _Run(opts, result, session, tap, wire)
+        run = TapRun(opts, result, session, tap.name, wire)
         log_event = None if log is None else _start_log(session, *log, stack)
         for ring in (0, 1):
             device.set_backend(ring, tap.fd)
@@ -318,6 +350,15 @@ def run_net(opts: NetExerciseOptions) -> NetExerciseResult:
             _check_log(run, session.dirty_log, log_event)
     result.ok = result.errors == 0
     return result
+
+
+def packet_socket(name: str, stack: contextlib.ExitStack) -> socket.socket:
+    """A raw AF_PACKET socket bound to interface ``name`` (closed with ``stack``)."""
+    wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+    stack.callback(wire.close)
+    _big_receive_buffer(wire)
+    wire.bind((name, 0))
+    return wire
 
 
 def _big_receive_buffer(wire: socket.socket) -> None:
@@ -352,8 +393,14 @@ def add_parser(devices: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="frames both ways through kernel vhost-net and a TAP, every byte verified",
         description=__doc__,
     )
-    net.add_argument("--kernel", required=True, metavar="DEV", help="e.g. /dev/vhost-net")
-    net.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach")
+    device = net.add_mutually_exclusive_group(required=True)
+    device.add_argument("--kernel", metavar="DEV", help="e.g. /dev/vhost-net (needs --tap)")
+    device.add_argument("--socket", metavar="PATH", help="a vhost-user net back-end's socket")
+    net.add_argument(
+        "--tap",
+        metavar="NAME",
+        help="kernel: TAP to create or attach; socket: the back-end's TAP, watched here",
+    )
     net.add_argument("--frames", type=int, default=1000, help="frames each way (default 1000)")
     net.add_argument("--size", type=int, default=128, help="frame length in bytes (default 128)")
     net.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
@@ -367,6 +414,18 @@ def add_parser(devices: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     net.add_argument(
         "--dirty-log", action="store_true", help="log writes and check every written page"
     )
+    net.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="socket loopback / --tx-only: send for this long instead of --frames",
+    )
+    net.add_argument(
+        "--tx-only",
+        action="store_true",
+        help="socket: only transmit and count completions (a sink back-end)",
+    )
+    net.add_argument("--packed", action="store_true", help="socket: use packed rings")
     net.add_argument("--timeout", type=float, default=30.0, help="seconds per direction")
     net.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -376,6 +435,7 @@ def run(args: argparse.Namespace) -> NetExerciseResult:
     opts = NetExerciseOptions(
         kernel=args.kernel,
         tap=args.tap,
+        socket=args.socket,
         frames=args.frames,
         size=args.size,
         queue_size=args.queue_size,
@@ -384,14 +444,18 @@ def run(args: argparse.Namespace) -> NetExerciseResult:
         kernel_header=args.kernel_header,
         dirty_log=args.dirty_log,
         timeout=args.timeout,
+        seconds=args.seconds,
+        tx_only=args.tx_only,
+        packed=args.packed,
     )
     return run_net(opts)
 
 
 def format_report(result: NetExerciseResult) -> str:
     """The human-readable summary."""
+    where = f"TAP {result.tap}" if result.tap else result.mode
     lines = [
-        f"exercise net: {result.device} with TAP {result.tap}, features {result.features:#x}",
+        f"exercise net: {result.device} ({where}), features {result.features:#x}",
         f"  transmit: {result.tx_frames} frames verified, {result.tx_pps:.0f} frames/s, "
         f"{result.tx_notifications} call(s)",
         f"  receive:  {result.rx_frames} frames verified, {result.rx_pps:.0f} frames/s, "

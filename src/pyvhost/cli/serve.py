@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from pyvhost.cli import serve_net
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.server import Daemon
 
@@ -95,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="virtio-rng (entropy) fed from os.getrandom.",
     )
     _common(rng)
+    serve_net.add_parser(devices, _common)
 
 
 def _blk_factory(args: argparse.Namespace) -> Device:
@@ -112,6 +114,7 @@ def _rng_factory(args: argparse.Namespace) -> Device:
 _FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
     "blk": _blk_factory,
     "rng": _rng_factory,
+    "net": serve_net.factory,
 }
 
 

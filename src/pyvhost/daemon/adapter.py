@@ -115,16 +115,26 @@ class DeviceAdapter(Closing, BackendDevice):
 
     def queue_enabled(self, index: int, enabled: bool) -> None:
         self.loop.set_enabled(self, index, enabled)
+        self.device.queue_enabled(index, enabled)
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.device.send_rarp(mac)
+
+    def net_set_mtu(self, mtu: int) -> None:
+        self.device.net_set_mtu(mtu)
 
     # -- the loop's side (QueueOwner) ------------------------------------------------------------
 
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
-        self.device.handle_queue(index, queue, mem)
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> bool | None:
+        return self.device.handle_queue(index, queue, mem)
 
     # -- the device's side (DeviceHost) -----------------------------------------------------------
 
     def notify(self, index: int) -> None:
         self.loop.notify(self, index)
+
+    def schedule(self, index: int) -> None:
+        self.loop.schedule(self, index)
 
     def add_watch(self, fd: int, callback: WatchCallback, queue: int) -> None:
         self.loop.add_watch(

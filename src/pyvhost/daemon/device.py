@@ -64,6 +64,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pyvhost.errors import UnsupportedRequestError
+from pyvhost.user.device import unsupported
 from pyvhost.user.protocol import FRAMEWORK_PROTOCOL_FEATURES, ProtocolFeature
 from pyvhost.virtio import features as vf
 
@@ -115,6 +116,8 @@ class DeviceHost(Protocol):
     def channel(self) -> Channel | None: ...
 
     def notify(self, index: int) -> None: ...
+
+    def schedule(self, index: int) -> None: ...
 
     def add_watch(self, fd: int, callback: WatchCallback, queue: int) -> None: ...
 
@@ -217,6 +220,20 @@ class Device:
         """The memory table changed (``self.mem`` is already ``mem``); views into the old table
         are invalid."""
 
+    def queue_enabled(self, index: int, enabled: bool) -> None:
+        """The front-end enabled or disabled queue ``index`` (SET_VRING_ENABLE); a disabled
+        queue's chains wait (a net device stops feeding that receive queue)."""
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Announce ``mac`` (6 bytes) after a migration (SEND_RARP; offer the RARP protocol
+        feature in ``extra_protocol_features``); default: not supported."""
+        raise unsupported("SEND_RARP")
+
+    def net_set_mtu(self, mtu: int) -> None:
+        """The MTU the front-end gives the guest (NET_SET_MTU; offer the MTU protocol feature);
+        default: not supported."""
+        raise unsupported("NET_SET_MTU")
+
     def worker_for_queue(self, index: int, workers: int) -> int:
         """The worker thread (``0 .. workers-1``) that serves queue ``index``; default round robin.
 
@@ -225,10 +242,16 @@ class Device:
         """
         return index % workers
 
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
-        """Queue ``index`` has work: process every available chain (default: ``handle_chain``)."""
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> bool | None:
+        """Queue ``index`` has work: process every available chain (default: ``handle_chain``).
+
+        Return True to leave the available chains for later on purpose (a device that takes
+        them only when it has input of its own to put in them): the loop then keeps the
+        driver's kicks off until :meth:`schedule` asks for this queue again.
+        """
         while chains := queue.pop_batch(BATCH):
             queue.push_batch([(c.head, self.handle_chain(index, c, mem)) for c in chains])
+        return None
 
     def handle_chain(self, index: int, chain: DescriptorChain, mem: GuestMemory) -> int:
         """Process one chain; return the number of bytes written into its writable part."""
@@ -243,6 +266,13 @@ class Device:
         host = self._host
         if host is not None:
             host.notify(index)
+
+    def schedule(self, index: int) -> None:
+        """Have ``handle_queue`` run for queue ``index`` soon on its worker, kicked or not (new
+        input for a queue that waits for it); nothing happens while that queue is not started."""
+        host = self._host
+        if host is not None:
+            host.schedule(index)
 
     def notify_config_change(self) -> bool:
         """Tell the driver the config space changed (BACKEND_REQ CONFIG_CHANGE_MSG).

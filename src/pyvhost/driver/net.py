@@ -69,6 +69,8 @@ class NetDriver:
         self._tx: dict[int, int] = {}
         self.rx_errors: list[str] = []
         """Frames dropped as malformed (bad header, bad num_buffers), with the reason."""
+        self.rx_returned = 0
+        """Receive buffers the device gave back with nothing in them (it could not use them)."""
 
     # --- transmit -----------------------------------------------------------------------------
 
@@ -147,6 +149,9 @@ class NetDriver:
                 self.session.free(gpa)
             if written > self.rx_buffer_size:
                 self._drop(f"device wrote {written} bytes into a {self.rx_buffer_size}-byte buffer")
+                continue
+            if written == 0 and not self._rx.partial_left:
+                self.rx_returned += 1
                 continue
             frame = self._take(data, gpa)
             if frame is not None:

@@ -34,6 +34,7 @@ TUNSETPERSIST = ioc(IOC_WRITE, _TUN_TYPE, 203, _INT)
 TUNSETOFFLOAD = ioc(IOC_WRITE, _TUN_TYPE, 208, _INT)
 TUNGETIFF = ioc(IOC_READ, _TUN_TYPE, 210, _INT)
 TUNSETVNETHDRSZ = ioc(IOC_WRITE, _TUN_TYPE, 216, _INT)
+TUNSETQUEUE = ioc(IOC_WRITE, _TUN_TYPE, 217, _INT)
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 """Socket ioctls from <linux/sockios.h> (not _IOC-encoded)."""
@@ -41,6 +42,8 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 IFF_TAP = 0x0002
 IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -171,6 +174,19 @@ class Tap(Closing):
     def set_offload(self, flags: int) -> None:
         """TUNSETOFFLOAD: the TUN_F_* offloads the reader of the TAP accepts."""
         self._each(TUNSETOFFLOAD, flags, f"TUNSETOFFLOAD {flags:#x}", by_pointer=False)
+
+    def set_queue_attached(self, index: int, attached: bool) -> None:
+        """TUNSETQUEUE: attach or detach queue ``index`` of a multiqueue TAP; the kernel spreads
+        frames over attached queues only (a detached queue's fd reads nothing and polls as an
+        error)."""
+        if not self.flags & IFF_MULTI_QUEUE:
+            raise TapError(f"TAP {self.name}: TUNSETQUEUE: only a multiqueue TAP has queues")
+        flag = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+        what = f"TUNSETQUEUE {'attach' if attached else 'detach'} queue {index}"
+        try:
+            fcntl.ioctl(self.fds[index], TUNSETQUEUE, _ifreq(self.name, flag))
+        except OSError as exc:
+            raise _fail(self.name, what, exc) from exc
 
     def set_persist(self, persist: bool) -> None:
         """TUNSETPERSIST: keep the interface after its fds are closed."""

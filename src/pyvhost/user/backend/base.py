@@ -93,6 +93,10 @@ class HandlerCore:
         self.max_mem_slots = max_mem_slots
         self.trace = trace
         self.mem = GuestMemory()
+        self.repeated_regions: dict[tuple[int, int, int], int] = {}
+        """ADD_MEM_REG of a region already mapped, counted by (gpa, size, userspace address):
+        QEMU 7.2 sends its memory once per vhost device, and a multiqueue net device has one
+        per queue pair on the same connection; as many REM_MEM_REG then only count down."""
         self.owned = False
         self.features = 0
         """Virtio features acked by SET_FEATURES (bit 30 included if the front-end sent it)."""

@@ -25,7 +25,7 @@ from pyvhost.user.messages import (
 )
 from pyvhost.user.postcopy import Userfaultfd
 from pyvhost.virtio.features import has_bit
-from pyvhost.virtio.memory import DirtyLog, RegionSpec, view_address
+from pyvhost.virtio.memory import DirtyLog, Region, RegionSpec, view_address
 
 POSTCOPY_ACK_TIMEOUT = 30.0
 """How long SET_MEM_TABLE in postcopy mode waits for the front-end's acknowledgement."""
@@ -62,6 +62,7 @@ class MemoryRequests(VringRequests):
             self._uffd(msg).unregister_all()
         with self._rings_paused():
             self.mem.replace(specs)
+            self.repeated_regions.clear()
             close_fds(msg.fds)
             self.device.memory_changed(self.mem)
         log.info("%s: memory table set: %d regions", self.name, len(self.mem))
@@ -90,6 +91,12 @@ class MemoryRequests(VringRequests):
 
     def _add_mem_reg(self, msg: Message) -> Reply | None:
         region = msg.payload_as(MemRegMsg).region
+        key = _key(region)
+        if not self.postcopy_listening and any(_same(r, key) for r in self.mem.regions):
+            close_fds(msg.fds)
+            self.repeated_regions[key] = self.repeated_regions.get(key, 0) + 1
+            log.info("%s: memory region added again, kept once: %s", self.name, region.describe())
+            return None
         if len(self.mem) >= self.max_mem_slots:
             raise ProtocolError(
                 f"all {self.max_mem_slots} memory slots are in use", request=msg.name
@@ -118,6 +125,18 @@ class MemoryRequests(VringRequests):
     def _rem_mem_reg(self, msg: Message) -> None:
         region = msg.payload_as(MemRegMsg).region
         close_fds(msg.fds)  # the spec allows one fd here, to be closed unused
+        key = _key(region)
+        repeats = self.repeated_regions.pop(key, 0)
+        if repeats:
+            if repeats > 1:
+                self.repeated_regions[key] = repeats - 1
+            log.info(
+                "%s: memory region removed once of %d: %s",
+                self.name,
+                repeats + 1,
+                region.describe(),
+            )
+            return
         self._find_region(region)
         if self.postcopy_listening:
             for mapped in self.mem.regions:
@@ -133,8 +152,8 @@ class MemoryRequests(VringRequests):
     def _find_region(self, region: MemoryRegion) -> None:
         """Refuse (nothing changes) a REM_MEM_REG that names no mapped region, before any ring
         is paused: the two memory tables must never silently diverge."""
-        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
-        if not any((r.guest_phys_addr, r.size, r.userspace_addr) == key for r in self.mem.regions):
+        key = _key(region)
+        if not any(_same(r, key) for r in self.mem.regions):
             raise GuestMemoryError(
                 f"no memory region with gpa {region.guest_phys_addr:#x} size "
                 f"{region.memory_size:#x} userspace_addr {region.userspace_addr:#x} to remove "
@@ -190,3 +209,11 @@ class MemoryRequests(VringRequests):
             uffd.close()
         log.info("%s: postcopy ended", self.name)
         return Reply(U64(0))
+
+
+def _key(region: MemoryRegion) -> tuple[int, int, int]:
+    return region.guest_phys_addr, region.memory_size, region.userspace_addr
+
+
+def _same(mapped: Region, key: tuple[int, int, int]) -> bool:
+    return (mapped.guest_phys_addr, mapped.size, mapped.userspace_addr) == key

@@ -1,0 +1,134 @@
+"""Transmit: every chain of a transmit queue is checked, handed to the back end (or looped back
+to the pair's receive backlog) and completed with nothing written.
+
+What a driver can get wrong is checked before anything is sent, each with its own reason in the
+log and in the drop counters: a chain with device-writable buffers, one shorter than the header
+and an Ethernet header, one longer than any frame, a header with unknown bits or asking for an
+offload the driver did not negotiate.
+"""
+
+from __future__ import annotations
+
+from pyvhost.devices.net.backends import NetBackend
+from pyvhost.devices.net.rx import RxPath
+from pyvhost.devices.net.stats import Complaints, PairStats
+from pyvhost.errors import ProtocolError
+from pyvhost.virtio import features as vf
+from pyvhost.virtio.chain import DescriptorChain
+from pyvhost.virtio.net import (
+    ETH_HEADER_LEN,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    HDR_F_NEEDS_CSUM,
+    NetHeader,
+)
+from pyvhost.virtio.queue import DeviceQueue
+
+__all__ = ["BATCH", "MAX_PACKET", "TxPath", "check_header"]
+
+BATCH = 64
+MAX_PACKET = 65535 + ETH_HEADER_LEN + 4
+"""The largest frame (a 64 KiB GSO packet, Ethernet header, a VLAN tag) after the header."""
+
+_GSO_FEATURE = {
+    GSO_TCPV4: vf.NET_F_HOST_TSO4,
+    GSO_TCPV6: vf.NET_F_HOST_TSO6,
+    GSO_UDP: vf.NET_F_HOST_UFO,
+}
+
+
+def check_header(header: NetHeader, features: int) -> str | None:
+    """Why a transmit header asks for what the driver did not negotiate, or None if it may."""
+    if header.flags & HDR_F_NEEDS_CSUM and not vf.has_bit(features, vf.NET_F_CSUM):
+        return "NEEDS_CSUM without VIRTIO_NET_F_CSUM"
+    gso = header.gso_type & ~GSO_ECN
+    if gso != GSO_NONE:
+        bit = _GSO_FEATURE.get(gso)
+        if bit is None:
+            return f"gso_type {header.gso_type:#x}, a segmentation this device does not offer"
+        if not vf.has_bit(features, bit):
+            name = vf.DEVICE_FEATURES["net"][bit]
+            return f"gso_type {header.gso_type:#x} without VIRTIO_NET_F_{name}"
+        if header.gso_type & GSO_ECN and not vf.has_bit(features, vf.NET_F_HOST_ECN):
+            return "GSO_ECN without VIRTIO_NET_F_HOST_ECN"
+    return None
+
+
+class TxPath:
+    """One transmit queue: packets to the back end, or back to the pair's receive backlog."""
+
+    def __init__(
+        self,
+        index: int,
+        backend: NetBackend,
+        rx: RxPath,
+        stats: PairStats,
+        complain: Complaints,
+    ) -> None:
+        self.index = index
+        self.pair = index // 2
+        self.backend = backend
+        self.rx = rx
+        self.stats = stats
+        self.complain = complain
+
+    def process(self, queue: DeviceQueue, hdr_size: int, features: int) -> int:
+        """Send every available chain; returns how many packets went to the receive backlog."""
+        looped = 0
+        while chains := queue.pop_batch(BATCH):
+            for chain in chains:
+                looped += self._one(chain, hdr_size, features)
+            queue.push_batch([(c.head, 0) for c in chains])
+        return looped
+
+    def _one(self, chain: DescriptorChain, hdr_size: int, features: int) -> int:
+        problem = self._check(chain, hdr_size, features)
+        if problem is not None:
+            kind, why = problem
+            self.stats.drop(kind)
+            self.complain(kind, f"queue {self.index}: transmit chain {chain.head} dropped: {why}")
+            return 0
+        looped = 0
+        if self.backend.loops_back:
+            frame = chain.read_at(hdr_size, chain.read_len - hdr_size)
+            looped = int(self.rx.enqueue(bytes(hdr_size) + frame))
+        else:
+            try:
+                self.backend.transmit(self.pair, chain.readable)
+            except OSError as exc:
+                self.stats.drop("tx_backend_error")
+                self.complain(
+                    "tx_backend_error",
+                    f"queue {self.index}: {self.backend.name} refused a {chain.read_len}-byte "
+                    f"packet: {exc}",
+                )
+                return 0
+        self.stats.tx_frames += 1
+        self.stats.tx_bytes += chain.read_len - hdr_size
+        return looped
+
+    @staticmethod
+    def _check(chain: DescriptorChain, hdr_size: int, features: int) -> tuple[str, str] | None:
+        if chain.write_len:
+            return "tx_writable", f"{chain.write_len} device-writable bytes in a transmit chain"
+        if chain.read_len < hdr_size + ETH_HEADER_LEN:
+            return (
+                "tx_short",
+                f"{chain.read_len} bytes, shorter than the {hdr_size}-byte header and an "
+                "Ethernet header",
+            )
+        if chain.read_len > hdr_size + MAX_PACKET:
+            return (
+                "tx_too_long",
+                f"{chain.read_len} bytes, longer than the header and the largest frame "
+                f"({MAX_PACKET} bytes)",
+            )
+        try:
+            header = NetHeader.decode(chain.read_at(0, hdr_size), hdr_size)
+        except ProtocolError as exc:
+            return "tx_bad_header", str(exc)
+        why = check_header(header, features)
+        return None if why is None else ("tx_bad_header", why)
