@@ -31,7 +31,7 @@ from peers.pyguest import run_in_guest
 GUEST = textwrap.dedent(
     """
     import json, os, select, socket, sys, time
-    from pyvhost.cli.exercise_net import NetExerciseOptions, frame, run_net, _parse
+    from pyvhost.cli.exercise_net import NetExerciseOptions, frame, run_net, parse_frame as _parse
     from pyvhost.kernel.tap import Tap
 
     frames, reps, sizes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])

@@ -22,9 +22,9 @@ FRAMES = 100
 SCRIPT = textwrap.dedent(
     """
     import json, os, select, socket, sys, time
-    from pyvhost.cli.exercise_net import frame, _parse
+    from pyvhost.cli.exercise_net import frame, parse_frame as _parse
     from pyvhost.daemon import Daemon
-    from pyvhost.devices.kernel_net import KernelNetDevice
+    from pyvhost.devices.net.kernel import KernelNetDevice
     from pyvhost.driver.net import NetDriver
     from pyvhost.driver.session import DriverSession
     from pyvhost.kernel.tap import Tap
@@ -140,3 +140,55 @@ def test_dirty_log_over_vhost_user_marks_what_the_kernel_wrote(run: dict[str, An
 
 def test_the_tap_goes_with_the_device(run: dict[str, Any]) -> None:
     assert run["tap_left"] is False
+
+
+CLI_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", "/tmp/k.sock",
+         "--tap", "pvs0", "--kernel", "/dev/vhost-net"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists("/tmp/k.sock") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = {}
+    for name, extra in {"split": [], "no-mrg": ["--no-mrg-rxbuf"]}.items():
+        p = subprocess.run(
+            [sys.executable, "-m", "pyvhost", "exercise", "net", "--socket", "/tmp/k.sock",
+             "--tap", "pvs0", "--frames", "100", "--size", "900", "--json", *extra],
+            capture_output=True, text=True, timeout=120)
+        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
+    serve.terminate()
+    _, err = serve.communicate(timeout=30)
+    out["serve"] = {"rc": serve.returncode, "stderr": err[-4000:]}
+    bad = subprocess.run(
+        [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", "/tmp/b.sock",
+         "--backend", "loopback", "--kernel", "/dev/vhost-net"],
+        capture_output=True, text=True, timeout=60)
+    out["no-tap"] = {"rc": bad.returncode, "stderr": bad.stderr}
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cli(kernel_runner: KernelRunner) -> dict[str, Any]:
+    result = kernel_runner.run(CLI_SCRIPT, timeout=240, modules=["tun", "vhost_net"]).check()
+    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return data
+
+
+@pytest.mark.parametrize("name", ["split", "no-mrg"])
+def test_serve_net_kernel_with_exercise_through_the_tap(cli: dict[str, Any], name: str) -> None:
+    run = cli[name]
+    assert run["rc"] == 0, f"{run['stdout']}\n{run['stderr']}\n{cli['serve']['stderr']}"
+    report = json.loads(run["stdout"])
+    assert report["errors"] == 0 and report["tx_frames"] == 100 and report["rx_frames"] == 100
+    assert "handed to /dev/vhost-net" in cli["serve"]["stderr"]
+    assert cli["serve"]["rc"] == 0
+
+
+def test_serve_net_kernel_needs_a_tap(cli: dict[str, Any]) -> None:
+    assert cli["no-tap"]["rc"] == 1, cli["no-tap"]
+    assert "--kernel needs --tap NAME" in cli["no-tap"]["stderr"]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pyvhost.cli import serve_net
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.server import Daemon
+from pyvhost.user.device import BackendDevice
 
 __all__ = ["register", "run"]
 
@@ -111,7 +112,7 @@ def _rng_factory(args: argparse.Namespace) -> Device:
     return RngDevice()
 
 
-_FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
+_FACTORIES: dict[str, Callable[[argparse.Namespace], Device | BackendDevice]] = {
     "blk": _blk_factory,
     "rng": _rng_factory,
     "net": serve_net.factory,

@@ -5,9 +5,11 @@ Usage::
     pyvhost serve net --socket PATH (--tap NAME | --backend loopback|sink) [--mac MAC]
                       [--queues N] [--mtu N] [--client] [--queue-size N] [--rx-backlog N]
                       [--stats-interval S] [--workers N]
+    pyvhost serve net --socket PATH --tap NAME --kernel /dev/vhost-net [--client]
 
 Counters (frames, bytes, drops by reason) are logged every ``--stats-interval`` seconds and
-when the daemon stops.
+when the daemon stops. With ``--kernel`` the rings are handed to the kernel's vhost-net and no
+frame passes through Python (one queue pair; the front-end emulates the config space).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 from pyvhost.daemon.device import Device
 from pyvhost.errors import VhostError
+from pyvhost.user.device import BackendDevice
 
 __all__ = ["add_parser", "factory"]
 
@@ -60,6 +63,11 @@ def add_parser(
         help="loopback: every frame sent comes back; sink: frames sent are counted and dropped",
     )
     net.add_argument(
+        "--kernel",
+        metavar="DEV",
+        help="hand the rings to this vhost-net device (e.g. /dev/vhost-net); needs --tap",
+    )
+    net.add_argument(
         "--mac", type=_mac, help="the guest's MAC (default: random, locally administered)"
     )
     net.add_argument("--queues", type=_count, default=1, metavar="N", help="queue pairs (1)")
@@ -83,8 +91,11 @@ def add_parser(
     )
 
 
-def factory(args: argparse.Namespace) -> Device:
-    """The :class:`~pyvhost.devices.net.NetDevice` the command line describes."""
+def factory(args: argparse.Namespace) -> Device | BackendDevice:
+    """The :class:`~pyvhost.devices.net.NetDevice` the command line describes, or with
+    ``--kernel`` the :class:`~pyvhost.devices.net.kernel.KernelNetDevice`."""
+    if args.kernel:
+        return _kernel_factory(args)
     from pyvhost.devices.net import BACKENDS, NetBackend, NetDevice, TapBackend
 
     try:
@@ -104,4 +115,27 @@ def factory(args: argparse.Namespace) -> Device:
         )
     except BaseException:
         backend.close()
+        raise
+
+
+def _kernel_factory(args: argparse.Namespace) -> BackendDevice:
+    from pyvhost.devices.net.kernel import KernelNetDevice
+    from pyvhost.kernel.tap import Tap
+
+    if not args.tap:
+        raise ValueError("--kernel needs --tap NAME: vhost-net moves frames to and from a TAP")
+    if args.queues != 1:
+        raise ValueError("--kernel serves one queue pair (--queues 1)")
+    try:
+        tap = Tap.open(args.tap)
+        tap.set_up()
+    except VhostError as exc:
+        raise ValueError(str(exc)) from exc
+    try:
+        return KernelNetDevice(tap, args.kernel)
+    except VhostError as exc:
+        tap.close()
+        raise ValueError(str(exc)) from exc
+    except BaseException:
+        tap.close()
         raise

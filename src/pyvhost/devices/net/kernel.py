@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
+from pyvhost.devices.net.rarp import rarp_frame
 from pyvhost.errors import UnsupportedRequestError
 from pyvhost.kernel.devices import VHOST_NET_F_VIRTIO_NET_HDR, VhostNet
 from pyvhost.kernel.tap import Tap
@@ -36,7 +37,6 @@ _NOT_OFFERED = vf.bit_mask(
     vf.F_ACCESS_PLATFORM, VHOST_NET_F_VIRTIO_NET_HDR, vf.F_LOG_ALL, vf.F_PROTOCOL_FEATURES
 )
 """Kernel bits the front-end never sees: no IOMMU, the TAP's own header, vhost-user's own bits."""
-_RARP = 0x8035
 
 
 class KernelNetDevice(BackendDevice):
@@ -129,9 +129,8 @@ class KernelNetDevice(BackendDevice):
 
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` after a migration: a broadcast RARP request out of the TAP."""
-        frame = b"\xff" * 6 + mac + _RARP.to_bytes(2, "big") + _rarp_body(mac)
         header = NetHeader().encode(header_size(self.acked_features))
-        os.write(self.tap.fd, header + frame)
+        os.write(self.tap.fd, header + rarp_frame(mac))
         self.rarps += 1
 
     def net_set_mtu(self, mtu: int) -> None:
@@ -140,17 +139,3 @@ class KernelNetDevice(BackendDevice):
     def close(self) -> None:
         self.reset()
         self.tap.close()
-
-
-def _rarp_body(mac: bytes) -> bytes:
-    """A reverse ARP request (RFC 903) for ``mac``: Ethernet/IPv4, opcode 3, addresses zero."""
-    return (
-        (1).to_bytes(2, "big")
-        + (0x0800).to_bytes(2, "big")
-        + bytes([6, 4])
-        + (3).to_bytes(2, "big")
-        + mac
-        + bytes(4)
-        + mac
-        + bytes(4)
-    )
