@@ -118,13 +118,16 @@ class DeviceAdapter(Closing, BackendDevice):
 
     # -- the loop's side (QueueOwner) ------------------------------------------------------------
 
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
-        self.device.handle_queue(index, queue, mem)
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> bool | None:
+        return self.device.handle_queue(index, queue, mem)
 
     # -- the device's side (DeviceHost) -----------------------------------------------------------
 
     def notify(self, index: int) -> None:
         self.loop.notify(self, index)
+
+    def schedule(self, index: int) -> None:
+        self.loop.schedule(self, index)
 
     def add_watch(self, fd: int, callback: WatchCallback, queue: int) -> None:
         self.loop.add_watch(

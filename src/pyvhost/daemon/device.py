@@ -116,6 +116,8 @@ class DeviceHost(Protocol):
 
     def notify(self, index: int) -> None: ...
 
+    def schedule(self, index: int) -> None: ...
+
     def add_watch(self, fd: int, callback: WatchCallback, queue: int) -> None: ...
 
     def remove_watch(self, fd: int) -> None: ...
@@ -225,10 +227,16 @@ class Device:
         """
         return index % workers
 
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None:
-        """Queue ``index`` has work: process every available chain (default: ``handle_chain``)."""
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> bool | None:
+        """Queue ``index`` has work: process every available chain (default: ``handle_chain``).
+
+        Return True to leave the available chains for later on purpose (a device that takes
+        them only when it has input of its own to put in them): the loop then keeps the
+        driver's kicks off until :meth:`schedule` asks for this queue again.
+        """
         while chains := queue.pop_batch(BATCH):
             queue.push_batch([(c.head, self.handle_chain(index, c, mem)) for c in chains])
+        return None
 
     def handle_chain(self, index: int, chain: DescriptorChain, mem: GuestMemory) -> int:
         """Process one chain; return the number of bytes written into its writable part."""
@@ -243,6 +251,13 @@ class Device:
         host = self._host
         if host is not None:
             host.notify(index)
+
+    def schedule(self, index: int) -> None:
+        """Have ``handle_queue`` run for queue ``index`` soon on its worker, kicked or not (new
+        input for a queue that waits for it); nothing happens while that queue is not started."""
+        host = self._host
+        if host is not None:
+            host.schedule(index)
 
     def notify_config_change(self) -> bool:
         """Tell the driver the config space changed (BACKEND_REQ CONFIG_CHANGE_MSG).

@@ -20,6 +20,11 @@ On a kick the worker drains the eventfd and runs the standard race-free pattern:
         if not queue.enable_notifications():   # re-check: a chain added meanwhile is seen here
             break
 
+A device that takes chains only when it has something to put in them (a net device's receive
+queue waits for frames) returns True from ``handle_queue``: the loop then leaves the chains and
+the kicks off instead of re-checking, which would spin, until the device calls
+:meth:`EventLoop.schedule` for that queue.
+
 A ring without a kick eventfd (SET_VRING_KICK with NOFD) is polled every millisecond. A queue whose
 driver breaks the rules (``VirtqueueError``, ``GuestMemoryError``) or whose device code raises is
 stopped: the error is logged with the queue index and reason, the error eventfd signalled, and the
@@ -108,7 +113,10 @@ class QueueOwner(Protocol):
         """For logs: the device's name."""
         ...
 
-    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> None: ...
+    def handle_queue(self, index: int, queue: DeviceQueue, mem: GuestMemory) -> bool | None:
+        """Process the queue; True: the chains left are kept for later on purpose (see
+        :func:`_service`)."""
+        ...
 
 
 class ResumedQueue:
@@ -374,11 +382,13 @@ def _service(state: _QueueState, kicked: bool) -> None:
         try:
             while True:
                 queue.disable_notifications()
-                device.handle_queue(index, queue, state.mem)
+                waiting = device.handle_queue(index, queue, state.mem)
                 if queue.needs_notification():
                     state.calls += 1
                     notifier.call()
-                if not queue.enable_notifications():
+                # A device waiting for input of its own leaves the chains and the kicks off
+                # until it schedules the queue again; re-checking would spin on them.
+                if waiting or not queue.enable_notifications():
                     break
         except (VirtqueueError, GuestMemoryError) as exc:
             _stop_broken(state, f"{exc}")
@@ -518,6 +528,14 @@ class EventLoop:
             state.enabled = enabled
             if enabled:
                 state.worker.schedule(state)
+
+    def schedule(self, device: QueueOwner, index: int) -> None:
+        """Process queue ``index`` soon, kicked or not (a device with new work for it, such as
+        frames for a receive queue); nothing happens while it is not started."""
+        with self._lock:
+            state = self._states.get((id(device), index))
+        if state is not None:
+            state.worker.schedule(state)
 
     def notify(self, device: QueueOwner, index: int) -> None:
         """Signal queue ``index``'s call eventfd (a device completing chains itself)."""
