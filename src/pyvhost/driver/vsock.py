@@ -147,15 +147,17 @@ class VsockDriver:
             session.kick(TX_QUEUE)
         return sent
 
-    def transmit_raw(self, data: bytes) -> None:
+    def transmit_raw(self, data: bytes, *, kick: bool = True) -> None:
         """Put ``data`` on the transmit queue as one packet, whatever it holds (a tool's hostile
-        or malformed packets); the endpoint knows nothing of it."""
+        or malformed packets; the endpoint knows nothing of it); ``kick=False`` leaves it for
+        the next kick, so that several reach the device together."""
         session = self.session
         gpa = session.alloc(max(1, len(data)))
         session.view(gpa, len(data))[:] = data
         self._tx[session.submit(TX_QUEUE, [(gpa, len(data))], [])] = gpa
         self.tx_packets += 1
-        session.kick(TX_QUEUE)
+        if kick:
+            session.kick(TX_QUEUE)
 
     @property
     def tx_in_flight(self) -> int:

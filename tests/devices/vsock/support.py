@@ -82,6 +82,7 @@ class Guest:
         """One round of the driver (and the endpoint's timers); waits ``wait`` if idle."""
         moved = self.driver.pump()
         self.endpoint.tick(time.monotonic())
+        self.session.check_backend()
         if not moved and wait:
             fds = [q.call_fd for q in self.session.queues]
             select.select(fds, [], [], wait)
@@ -131,6 +132,14 @@ class Guest:
 
         self.until(done, timeout, f"sending {len(data)} bytes, receiving {n}")
         return bytes(got)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Pump until every packet queued was taken by the device."""
+        self.until(
+            lambda: not self.endpoint.has_packets and self.driver.tx_in_flight == 0,
+            timeout,
+            "the packets sent",
+        )
 
     def send_all(self, conn: VsockConnection, data: bytes, timeout: float = 20.0) -> None:
         """Send every byte as credit allows."""

@@ -191,10 +191,10 @@ class UnixBridge:
         self.settle()
 
     def _drop_greeter(self, fd: int, why: str) -> None:
+        log.info("%s: host connection closed: %s", self.uds_path, why)
         greeter = self.greeters.pop(fd)
         self.host.unwatch(fd)
         greeter.sock.close()
-        log.info("%s: host connection closed: %s", self.uds_path, why)
 
     # -- links -------------------------------------------------------------------------------------
 
@@ -253,11 +253,11 @@ class UnixBridge:
     def _remove(self, link: Link) -> None:
         del self.links[link.fd]
         self.by_key.pop(link.conn.key, None)
+        why = link.error or link.conn.reason or "closed"
+        log.info("%s: Unix socket closed (%s)", link.conn.key, why)
         self._read_when(link, False)
         self.waits.forget(link.fd)
         link.sock.close()
-        why = link.error or link.conn.reason or "closed"
-        log.info("%s: Unix socket closed (%s)", link.conn.key, why)
 
     # -- reset and close ---------------------------------------------------------------------------
 
