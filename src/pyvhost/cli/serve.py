@@ -1,10 +1,11 @@
-"""``pyvhost serve``: run a vhost-user back-end (blk, rng) on a Unix socket until SIGTERM / SIGINT.
+"""``pyvhost serve``: run a vhost-user back-end on a Unix socket until SIGTERM / SIGINT.
 
 Usage::
 
     pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
                       [--serial ID] [--workers N] [--queue-size N] [--require-sealed-memory]
     pyvhost serve rng --socket PATH [--client] [--require-sealed-memory]
+    pyvhost serve vsock --socket PATH --guest-cid CID --uds-path UDS [--client]
 
 Connection events and errors are logged to stderr (one line each) unless ``--quiet``.
 """
@@ -16,6 +17,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from pyvhost.cli import serve_vsock
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.server import Daemon
 
@@ -65,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``serve`` sub-command with its ``blk`` and ``rng`` devices."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve a vhost-user device (blk, rng) on a Unix socket",
+        help="serve a vhost-user device (blk, rng, vsock) on a Unix socket",
         description=(
             "Run a vhost-user back-end. It serves one front-end at a time and waits for the "
             "next when one leaves; SIGTERM or SIGINT stop it and remove the socket."
@@ -95,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="virtio-rng (entropy) fed from os.getrandom.",
     )
     _common(rng)
+    serve_vsock.add_parser(devices, _common)
 
 
 def _blk_factory(args: argparse.Namespace) -> Device:
@@ -112,6 +115,7 @@ def _rng_factory(args: argparse.Namespace) -> Device:
 _FACTORIES: dict[str, Callable[[argparse.Namespace], Device]] = {
     "blk": _blk_factory,
     "rng": _rng_factory,
+    "vsock": serve_vsock.factory,
 }
 
 
