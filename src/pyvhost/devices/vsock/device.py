@@ -88,6 +88,7 @@ class VsockDevice(Device):
         self._reset_pending = False
         self._driver_known = False
         self._seen: dict[int, DeviceQueue] = {}
+        self._bases: dict[int, int] = {}
 
     # -- what the framework reads ------------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class VsockDevice(Device):
         if index == EVENT_QUEUE:
             return
         base = queue.get_base()
+        self._bases[index] = base
         if base and not self._driver_known:
             log.info(
                 "ring %d starts at %d: a driver this device did not serve; transport reset",
@@ -133,13 +135,18 @@ class VsockDevice(Device):
             )
             self._reset_pending = True
             self.schedule(EVENT_QUEUE)
-        elif not base:
-            self._reset_pending = False
-            if self.endpoint.connections:
-                log.info("ring %d starts at 0: a new driver; the old one's connections end", index)
-                self.bridge.release(self.bridge.detach_all())
-                self.endpoint.transport_reset()
+        elif index == TX_QUEUE and not base and not self._bases.get(RX_QUEUE):
+            self._new_driver()
         self._driver_known = True
+
+    def _new_driver(self) -> None:
+        """Both rings start at 0 (the tx ring starts after the rx ring): a driver that never ran,
+        with no connection to be told about; ours were its predecessor's."""
+        self._reset_pending = False
+        if self.endpoint.connections:
+            log.info("rings start at 0: a new driver; the old one's connections end")
+            self.bridge.release(self.bridge.detach_all())
+            self.endpoint.transport_reset()
 
     def _transmitted(self, queue: DeviceQueue) -> None:
         endpoint = self.endpoint
@@ -222,6 +229,7 @@ class VsockDevice(Device):
             sockets = self.bridge.detach_all()
             self.endpoint.transport_reset()
             self._seen.clear()
+            self._bases.clear()
             self._driver_known = False
         self.bridge.release(sockets)
         if count:
