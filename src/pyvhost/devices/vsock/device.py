@@ -56,7 +56,7 @@ restarted back-end would otherwise reuse 4-tuples the guest may still hold."""
 
 class VsockDevice(Device):
     """The host's vsock end for the guest ``guest_cid``, bridged to Unix sockets at ``uds_path``
-    (listening there for CONNECT, connecting to ``uds_path``_PORT for the guest)."""
+    (listening there for CONNECT, connecting to ``<uds_path>_<port>`` for the guest)."""
 
     device_id = 19
     num_queues = 3
