@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 
 from pyvhost.daemon.device import BATCH, Device
 from pyvhost.devices.vsock.bridge import UnixBridge
@@ -87,7 +88,8 @@ class VsockDevice(Device):
         """TRANSPORT_RESET events written into the event queue."""
         self._reset_pending = False
         self._driver_known = False
-        self._seen: dict[int, DeviceQueue] = {}
+        self._seen: dict[int, weakref.ref[DeviceQueue]] = {}
+        """The queue each ring last started with (weakly: it holds views into guest memory)."""
         self._bases: dict[int, int] = {}
 
     # -- what the framework reads ------------------------------------------------------------------
@@ -119,10 +121,11 @@ class VsockDevice(Device):
 
     def _note_start(self, index: int, queue: DeviceQueue) -> None:
         """A ring seen for the first time since it started: does its driver know more than we?"""
-        previous = self._seen.get(index)
+        seen = self._seen.get(index)
+        previous = None if seen is None else seen()
         if queue is previous or getattr(previous, "inner", None) is queue:
             return
-        self._seen[index] = queue
+        self._seen[index] = weakref.ref(queue)
         if index == EVENT_QUEUE:
             return
         base = queue.get_base()

@@ -54,7 +54,7 @@ class Link:
     def room(self) -> int:
         """Bytes the Unix socket may be read for now (0: do not watch it)."""
         conn = self.conn
-        if self.greet or self.host_eof or self.error or not conn.writable:
+        if self.greet or self.early or self.host_eof or self.error or not conn.writable:
             return 0
         return max(0, min(conn.credit, MAX_UNSENT - conn.unsent))
 
