@@ -300,6 +300,44 @@ def test_a_credit_update_made_stale_by_an_rw_is_not_sent() -> None:
     assert (rw.header.op, rw.header.fwd_cnt) == (Op.RW, 3)
 
 
+def test_has_packets_does_not_count_a_stale_credit_update() -> None:
+    """A transport takes a ring buffer only when has_packets says so: it must not promise a
+    packet that next_packet() then withholds."""
+    g, h = connected(buf_alloc=100, credit_update_threshold=1)
+    g.send(b"x")
+    h.send(bytes(3))
+    deliver(h, g)
+    g.receive()
+    assert g.has_packets
+    rw = g.next_packet()
+    assert rw is not None and (rw.header.op, rw.header.fwd_cnt) == (Op.RW, 3)
+    assert not g.has_packets
+    assert g.next_packet() is None
+
+
+def test_has_packets_counts_an_asked_for_credit_update() -> None:
+    g, h = connected()
+    h.request_credit()
+    deliver(h, g)
+    assert g.has_packets
+    assert ops(g.packets_to_send()) == [(Op.CREDIT_UPDATE, 0)]
+    assert not g.has_packets
+
+
+def test_unsent_counts_accepted_bytes_until_a_packet_carries_them() -> None:
+    g, _ = connected(buf_alloc=1000)
+    assert g.send(bytes(700)) == 700
+    assert g.unsent == 700
+    first = g.next_packet(300)
+    assert first is not None and len(first.payload) == 300
+    assert g.unsent == 400
+    g.packets_to_send()
+    assert g.unsent == 0
+    g.send(bytes(10))
+    g.reset()
+    assert g.unsent == 0
+
+
 def test_credit_request_is_answered_even_with_nothing_new() -> None:
     g, h = connected()
     h.request_credit()

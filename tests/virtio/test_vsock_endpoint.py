@@ -46,6 +46,21 @@ def test_connect_listen_accept_and_talk() -> None:
     assert g.receive() == b"pong"
 
 
+def test_has_packets_follows_replies_and_connections() -> None:
+    link = Link.make()
+    assert not link.host.has_packets
+    link.host.listen(5000)
+    link.guest.connect(HOST_CID, 5000)
+    assert link.guest.has_packets and not link.host.has_packets
+    link.settle()
+    assert not link.guest.has_packets and not link.host.has_packets
+    link.host.feed(*from_guest(Op.RW, b"?", src_port=4000))
+    assert link.host.has_packets
+    [rst] = link.host.packets_to_send()
+    assert rst.header.op == Op.RST
+    assert not link.host.has_packets
+
+
 def test_feed_returns_the_connection_it_fed() -> None:
     link = Link.make()
     link.host.listen(5000)

@@ -1,31 +1,39 @@
-"""``pyvhost exercise vsock --kernel DEV --guest-cid CID``: this process plays the guest.
+"""``pyvhost exercise vsock``: this process plays the guest of a vsock device, no VM needed.
 
-It hands vhost-vsock its memory and rings, takes guest CID ``CID`` and runs the guest's vsock
-stack (:mod:`pyvhost.virtio.vsock`) over the rings. Then, at once: a host ``AF_VSOCK`` client
-connects to a port the "guest" listens on and sends ``--bytes``; the "guest" connects to a host
-``AF_VSOCK`` listener and sends as many. Both streams are compared byte for byte, with credit
-flow control on both sides. ``--pause`` stops the device (VHOST_VSOCK_SET_RUNNING 0) halfway and
-starts it again: nothing may be lost. Exits 1 on any loss, mismatch or timeout.
+Two devices, one exercise:
+
+- ``--kernel DEV --guest-cid CID``: it hands the kernel's vhost-vsock its memory and rings and
+  takes guest CID ``CID``; the host side is ``AF_VSOCK`` sockets.
+- ``--socket PATH --uds-path UDS``: it is the front-end of a hybrid vhost-user vsock back-end
+  (``pyvhost serve vsock``) and the guest CID is the device's (its config space); the host side
+  is Unix sockets: a host program connecting to ``UDS`` with ``CONNECT <guest port>`` and a
+  listener at ``UDS_<host port>`` that the guest reaches.
+
+It runs the guest's vsock stack (:mod:`pyvhost.virtio.vsock`) over the rings. Then, at once: the
+host connects to a port the "guest" listens on and sends ``--bytes``; the "guest" connects to a
+host listener and sends as many. Both streams are compared byte for byte, with credit flow
+control on both sides. ``--pause`` (kernel) stops the device (VHOST_VSOCK_SET_RUNNING 0) halfway
+and starts it again: nothing may be lost. Exits 1 on any loss, mismatch or timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import random
 import select
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pyvhost.cli.vsock_hosts import GUEST_PORT, HOST_PORT, HostSide, KernelHost, UnixHost
+from pyvhost.cli.vsock_streams import GUEST_TO_HOST, HOST_TO_GUEST, Stream, stream
 from pyvhost.driver.session import DriverSession
 from pyvhost.driver.vsock import VsockDriver
 from pyvhost.kernel.devices import VhostVsock
 from pyvhost.virtio import features as vf
-from pyvhost.virtio.vsock import ConnectionOptions, VsockConnection, VsockEndpoint
-from pyvhost.virtio.vsock.wire import HOST_CID, LAST_RESERVED_PORT, RX_QUEUE, TX_QUEUE
+from pyvhost.virtio.vsock import ConnectionOptions, VsockConfig, VsockConnection, VsockEndpoint
+from pyvhost.virtio.vsock.wire import EVENT_QUEUE, HOST_CID, LAST_RESERVED_PORT
 
 __all__ = [
     "VsockExerciseOptions",
@@ -36,46 +44,23 @@ __all__ = [
     "stream",
 ]
 
-GUEST_PORT = 5201
-HOST_PORT = 5202
-_BLOCK = 65536
 _MAX_DETAILS = 20
-_H2G, _G2H = 1, 2
-
-
-def stream(direction: int, offset: int, n: int) -> bytes:
-    """``n`` bytes of a direction's stream from ``offset``: a 64 KiB block of bytes derived from
-    the direction, repeated, so a lost, repeated or reordered piece shows at its offset."""
-    block = _block(direction)
-    start = offset % _BLOCK
-    reps = (start + n) // _BLOCK + 1
-    return (block * reps)[start : start + n]
-
-
-_BLOCKS: dict[int, bytes] = {}
-
-
-def _block(direction: int) -> bytes:
-    if direction not in _BLOCKS:
-        x = 0x9E3779B9 * direction & 0xFFFFFFFF
-        out = bytearray(_BLOCK)
-        for i in range(_BLOCK):
-            x = (x * 1103515245 + 12345) & 0x7FFFFFFF
-            out[i] = x >> 16 & 0xFF
-        _BLOCKS[direction] = bytes(out)
-    return _BLOCKS[direction]
+_NO_SEQPACKET = ~vf.bit_mask(vf.VSOCK_F_SEQPACKET)
 
 
 @dataclass
 class VsockExerciseOptions:
-    """Which device and CID, how many bytes each way."""
+    """Which device (``kernel`` with ``guest_cid``, or ``socket`` with ``uds_path``), how many
+    bytes each way."""
 
-    kernel: str
-    guest_cid: int
+    kernel: str | None = None
+    guest_cid: int | None = None
     bytes: int = 1 << 20
     pause: bool = False
     timeout: float = 60.0
     buf_alloc: int = 64 * 1024
+    socket: str | None = None
+    uds_path: str | None = None
 
 
 @dataclass
@@ -91,6 +76,7 @@ class VsockExerciseResult:
     rx_packets: int = 0
     tx_packets: int = 0
     paused: bool = False
+    transport_resets: int = 0
     error_details: list[str] = field(default_factory=list)
     ok: bool = False
 
@@ -103,104 +89,45 @@ class VsockExerciseResult:
         return asdict(self)
 
 
-class _Side:
-    """One direction's progress: how much was sent and how much arrived intact."""
-
-    def __init__(self, direction: int, total: int, name: str, result: VsockExerciseResult):
-        self.direction = direction
-        self.total = total
-        self.name = name
-        self.result = result
-        self.sent = 0
-        self.received = 0
-        self.broken = False
-
-    def next_chunk(self, limit: int = 16384) -> bytes:
-        return stream(self.direction, self.sent, min(limit, self.total - self.sent))
-
-    def arrived(self, data: bytes) -> None:
-        if self.broken or not data:
-            return
-        want = stream(self.direction, self.received, len(data))
-        if data != want or self.received + len(data) > self.total:
-            first = next((i for i, (a, b) in enumerate(zip(data, want, strict=False)) if a != b), 0)
-            self.result.error(
-                f"{self.name}: bytes at offset {self.received + first} differ from what was sent"
-            )
-            self.broken = True
-        self.received += len(data)
-
-    @property
-    def done(self) -> bool:
-        return self.received >= self.total or self.broken
-
-
 class _Run:
     """The host sockets, the guest endpoint and the rings, pumped in one loop."""
 
-    def __init__(self, opts: VsockExerciseOptions, session: DriverSession, device: VhostVsock):
+    def __init__(
+        self,
+        opts: VsockExerciseOptions,
+        session: DriverSession,
+        result: VsockExerciseResult,
+        host: HostSide,
+    ) -> None:
         self.opts = opts
-        self.result = VsockExerciseResult(opts.kernel, opts.guest_cid)
+        self.result = result
         self.session = session
-        self.device = device
+        self.host = host
         options = ConnectionOptions(buf_alloc=opts.buf_alloc)
         first_port = random.randrange(LAST_RESERVED_PORT + 1, 0x7FFF_FFFF)
         self.endpoint = VsockEndpoint(
-            opts.guest_cid, peer_cid=HOST_CID, options=options, first_port=first_port
+            result.guest_cid, peer_cid=HOST_CID, options=options, first_port=first_port
         )
         self.driver = VsockDriver(session, self.endpoint)
-        self.h2g = _Side(_H2G, opts.bytes, "host to guest", self.result)
-        self.g2h = _Side(_G2H, opts.bytes, "guest to host", self.result)
-        self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        self.client = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        self.accepted: socket.socket | None = None
+        self.h2g = Stream(HOST_TO_GUEST, opts.bytes, "host to guest", result.error)
+        self.g2h = Stream(GUEST_TO_HOST, opts.bytes, "guest to host", result.error)
         self.guest_in: VsockConnection | None = None
         self.guest_out: VsockConnection | None = None
 
-    def close(self) -> None:
-        for sock in (self.listener, self.client, self.accepted):
-            if sock is not None:
-                sock.close()
-
     def start(self) -> None:
-        """Host listener up, guest listener up, both connections on their way."""
-        self.listener.bind((socket.VMADDR_CID_ANY, HOST_PORT))
-        self.listener.listen(1)
-        self.listener.setblocking(False)
+        """Guest listener up, then both connections on their way."""
         self.endpoint.listen(GUEST_PORT)
         self.guest_out = self.endpoint.connect(HOST_CID, HOST_PORT, now=time.monotonic())
-        self.client.setblocking(False)
-        err = self.client.connect_ex((self.opts.guest_cid, GUEST_PORT))
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            raise OSError(err, f"host connect to {self.opts.guest_cid}:{GUEST_PORT}")
+        self.host.start(self.result.guest_cid)
         self.driver.post_rx()
 
     def step(self) -> int:
         """One round of everything; returns a progress count (0: nothing happened)."""
         moved = self.driver.pump()
-        moved += self._host_side()
+        moved += self.host.step(self.h2g, self.g2h)
         moved += self._guest_side()
         self.endpoint.tick(time.monotonic())
         return moved + self.driver.pump()
-
-    def _host_side(self) -> int:
-        moved = 0
-        if self.accepted is None:
-            with contextlib.suppress(BlockingIOError):
-                self.accepted, _ = self.listener.accept()
-                self.accepted.setblocking(False)
-                moved += 1
-        if self.accepted is not None and not self.g2h.done:
-            with contextlib.suppress(BlockingIOError):
-                data = self.accepted.recv(65536)
-                self.g2h.arrived(data)
-                moved += len(data)
-        if self.h2g.sent < self.h2g.total:
-            with contextlib.suppress(BlockingIOError, OSError):
-                n = self.client.send(self.h2g.next_chunk())
-                self.h2g.sent += n
-                moved += n
-        return moved
 
     def _guest_side(self) -> int:
         moved = 0
@@ -219,23 +146,11 @@ class _Run:
 
     def wait(self, timeout: float) -> None:
         """Until a call eventfd or a host socket is ready, or ``timeout``."""
-        fds = [self.session.queues[q].call_fd for q in (RX_QUEUE, TX_QUEUE)]
-        socks: list[Any] = [self.listener, self.client]
-        if self.accepted is not None:
-            socks.append(self.accepted)
-        select.select(fds + socks, [], [], timeout)
-        for q in (RX_QUEUE, TX_QUEUE):
+        queues = range(self.session.num_queues)
+        fds: list[Any] = [self.session.queues[q].call_fd for q in queues]
+        select.select(fds + self.host.sockets(), [], [], timeout)
+        for q in queues:
             self.session.notifications(q)
-
-    def pause(self) -> None:
-        """Stop and restart the device, as a VMM does around a snapshot; then kick both rings,
-        as a VMM must: a kick that arrived while the device was stopped is gone."""
-        self.device.set_running(False)
-        time.sleep(0.05)
-        self.device.set_running(True)
-        for q in (RX_QUEUE, TX_QUEUE):
-            self.session.kick(q, force=True)
-        self.result.paused = True
 
     def finish(self, elapsed: float) -> VsockExerciseResult:
         result = self.result
@@ -243,6 +158,7 @@ class _Run:
         result.host_to_guest_bytes = self.h2g.received if not self.h2g.broken else 0
         result.guest_to_host_bytes = self.g2h.received if not self.g2h.broken else 0
         result.rx_packets, result.tx_packets = self.driver.rx_packets, self.driver.tx_packets
+        result.transport_resets = self.driver.transport_resets
         for side, conn in ((self.h2g, self.guest_in), (self.g2h, self.guest_out)):
             if not side.broken and side.received < side.total:
                 state = "never accepted" if conn is None else f"{conn!r}: {conn.reason}"
@@ -256,31 +172,82 @@ class _Run:
         return result
 
 
+def _transfer(run: _Run, opts: VsockExerciseOptions, pause: Any = None) -> VsockExerciseResult:
+    """Start both streams and pump until they arrived or the timeout; ``pause()`` once halfway."""
+    run.start()
+    start = time.monotonic()
+    deadline = start + opts.timeout
+    while not (run.h2g.done and run.g2h.done) and time.monotonic() < deadline:
+        if pause is not None and not run.result.paused and run.h2g.received * 2 >= opts.bytes:
+            pause()
+            run.result.paused = True
+        if not run.step():
+            run.wait(0.05)
+    return run.finish(time.monotonic() - start)
+
+
 def run_vsock(opts: VsockExerciseOptions) -> VsockExerciseResult:
     """Run the exercise; device errors raise VhostError, socket errors OSError."""
     if opts.bytes < 1:
         raise ValueError("--bytes must be at least 1")
-    device = VhostVsock(opts.kernel)
+    if opts.socket is not None:
+        return _run_user(opts)
+    if opts.kernel is None or opts.guest_cid is None:
+        raise ValueError("--kernel DEV needs --guest-cid CID")
+    return _run_kernel(opts, opts.kernel, opts.guest_cid)
+
+
+def _run_kernel(opts: VsockExerciseOptions, path: str, guest_cid: int) -> VsockExerciseResult:
+    device = VhostVsock(path)
     with contextlib.ExitStack() as stack:
         stack.callback(device.close)
-        mask = ~vf.bit_mask(vf.VSOCK_F_SEQPACKET)
-        session = DriverSession.kernel(device, num_queues=2, queue_size=128, features_mask=mask)
+        session = DriverSession.kernel(
+            device, num_queues=2, queue_size=128, features_mask=_NO_SEQPACKET
+        )
         stack.callback(session.close)
-        device.set_guest_cid(opts.guest_cid)
+        device.set_guest_cid(guest_cid)
         device.set_running(True)
         stack.callback(_stop, device)
-        run = _Run(opts, session, device)
-        stack.callback(run.close)
-        run.start()
-        start = time.monotonic()
-        deadline = start + opts.timeout
-        while not (run.h2g.done and run.g2h.done) and time.monotonic() < deadline:
-            if opts.pause and not run.result.paused and run.h2g.received * 2 >= opts.bytes:
-                run.pause()
-            if not run.step():
-                run.wait(0.05)
-        result = run.finish(time.monotonic() - start)
-    return result
+        host = KernelHost()
+        stack.callback(host.close)
+        run = _Run(opts, session, VsockExerciseResult(path, guest_cid), host)
+
+        def pause() -> None:
+            """Stop and restart the device, as a VMM does around a snapshot; then kick both
+            rings, as a VMM must: a kick that arrived while the device was stopped is gone."""
+            device.set_running(False)
+            time.sleep(0.05)
+            device.set_running(True)
+            for q in range(session.num_queues):
+                session.kick(q, force=True)
+
+        return _transfer(run, opts, pause if opts.pause else None)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_user(opts: VsockExerciseOptions) -> VsockExerciseResult:
+    if opts.uds_path is None:
+        raise ValueError("--socket PATH needs --uds-path UDS (the device's --uds-path)")
+    if opts.pause:
+        raise ValueError("--pause is for --kernel (SET_RUNNING)")
+    assert opts.socket is not None
+    with contextlib.ExitStack() as stack:
+        session = DriverSession.connect(
+            opts.socket,
+            num_queues=EVENT_QUEUE + 1,
+            queue_size=128,
+            features_mask=_NO_SEQPACKET,
+            mem_size=32 << 20,
+        )
+        stack.callback(session.close)
+        guest_cid = VsockConfig.decode(session.config(0, VsockConfig.SIZE)).guest_cid
+        if opts.guest_cid is not None and opts.guest_cid != guest_cid:
+            raise ValueError(f"--guest-cid {opts.guest_cid}: the device says {guest_cid}")
+        result = VsockExerciseResult(opts.socket, guest_cid)
+        host = UnixHost(opts.uds_path, result.error)
+        stack.callback(host.close)
+        return _transfer(_Run(opts, session, result, host), opts)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _stop(device: VhostVsock) -> None:
@@ -292,12 +259,22 @@ def add_parser(devices: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     """Add ``exercise vsock`` to the ``exercise`` sub-commands."""
     vsock = devices.add_parser(
         "vsock",
-        help="streams both ways between host AF_VSOCK sockets and a guest played through "
-        "kernel vhost-vsock, every byte verified",
+        help="streams both ways between host sockets and a guest played through kernel "
+        "vhost-vsock or a hybrid vhost-user vsock back-end, every byte verified",
         description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    vsock.add_argument("--kernel", required=True, metavar="DEV", help="e.g. /dev/vhost-vsock")
-    vsock.add_argument("--guest-cid", required=True, type=int, help="the CID to play (3 or more)")
+    device = vsock.add_mutually_exclusive_group(required=True)
+    device.add_argument("--kernel", metavar="DEV", help="e.g. /dev/vhost-vsock")
+    device.add_argument("--socket", metavar="PATH", help="a vhost-user vsock back-end's socket")
+    vsock.add_argument(
+        "--guest-cid",
+        type=int,
+        help="the CID to play (--kernel; 3 or more); with --socket, checked against the device's",
+    )
+    vsock.add_argument(
+        "--uds-path", metavar="UDS", help="the back-end's Unix socket for host programs (--socket)"
+    )
     vsock.add_argument("--bytes", type=int, default=1 << 20, help="bytes each way (default 1 MiB)")
     vsock.add_argument(
         "--pause", action="store_true", help="SET_RUNNING 0 then 1 halfway: nothing may be lost"
@@ -315,6 +292,8 @@ def run(args: argparse.Namespace) -> VsockExerciseResult:
             bytes=args.bytes,
             pause=args.pause,
             timeout=args.timeout,
+            socket=args.socket,
+            uds_path=args.uds_path,
         )
     )
 

@@ -1,10 +1,12 @@
-"""``pyvhost serve``: run a vhost-user back-end (blk, rng) on a Unix socket until SIGTERM / SIGINT.
+"""``pyvhost serve``: run a vhost-user back-end on a Unix socket until SIGTERM / SIGINT.
 
 Usage::
 
     pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
                       [--serial ID] [--workers N] [--queue-size N] [--require-sealed-memory]
     pyvhost serve rng --socket PATH [--client] [--require-sealed-memory]
+    pyvhost serve net --socket PATH (--tap NAME [--kernel DEV] | --backend loopback|sink) ...
+    pyvhost serve vsock --socket PATH --guest-cid CID --uds-path UDS [--client]
 
 Connection events and errors are logged to stderr (one line each) unless ``--quiet``.
 """
@@ -16,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from pyvhost.cli import serve_net
+from pyvhost.cli import serve_net, serve_vsock
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.server import Daemon
 from pyvhost.user.device import BackendDevice
@@ -64,10 +66,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``serve`` sub-command with its ``blk`` and ``rng`` devices."""
+    """Add the ``serve`` sub-command with its ``blk``, ``rng``, ``net`` and ``vsock`` devices."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve a vhost-user device (blk, rng) on a Unix socket",
+        help="serve a vhost-user device (blk, rng, net, vsock) on a Unix socket",
         description=(
             "Run a vhost-user back-end. It serves one front-end at a time and waits for the "
             "next when one leaves; SIGTERM or SIGINT stop it and remove the socket."
@@ -98,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _common(rng)
     serve_net.add_parser(devices, _common)
+    serve_vsock.add_parser(devices, _common)
 
 
 def _blk_factory(args: argparse.Namespace) -> Device:
@@ -116,6 +119,7 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], Device | BackendDevice]] = 
     "blk": _blk_factory,
     "rng": _rng_factory,
     "net": serve_net.factory,
+    "vsock": serve_vsock.factory,
 }
 
 

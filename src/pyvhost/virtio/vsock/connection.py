@@ -158,6 +158,7 @@ class VsockConnection:
         self._queue: deque[_Item] = deque()
         self._credit_update_queued = False
         self._credit_update_asked = False
+        self._unsent = 0
 
     def __repr__(self) -> str:
         return f"VsockConnection({self.key}, {self.state.value})"
@@ -192,8 +193,22 @@ class VsockConnection:
 
     @property
     def has_packets(self) -> bool:
-        """next_packet() would return a packet (barring a CREDIT_UPDATE made stale meanwhile)."""
-        return bool(self._queue)
+        """next_packet() would return a packet now: a transport may take a ring buffer for it.
+
+        A lone CREDIT_UPDATE that a later packet made stale does not count (it is never sent).
+        """
+        queue = self._queue
+        if not queue:
+            return False
+        if len(queue) > 1 or queue[0].op is not Op.CREDIT_UPDATE:
+            return True
+        return self._credit_update_asked or self.fwd_cnt != self.last_fwd_cnt
+
+    @property
+    def unsent(self) -> int:
+        """Payload bytes send() accepted that no packet carried yet (the caller's own bound on
+        what it buffers, whatever credit the peer gives)."""
+        return self._unsent
 
     # -- application calls -------------------------------------------------------------------
 
@@ -213,6 +228,7 @@ class VsockConnection:
         if accepted:
             self._queue.append(_Item(Op.RW, 0, memoryview(bytes(view[:accepted]))))
             self.tx_cnt = (self.tx_cnt + accepted) & U32_MASK
+            self._unsent += accepted
         return accepted
 
     def receive(self, max_bytes: int = -1) -> bytes:
@@ -312,8 +328,10 @@ class VsockConnection:
             item = self._queue[0]
             if item.op is Op.RW and len(item.payload) > limit:
                 self._queue[0] = item._replace(payload=item.payload[limit:])
+                self._unsent -= limit
                 return self._packet(item.op, 0, item.payload[:limit])
             self._queue.popleft()
+            self._unsent -= len(item.payload)
             if item.op is not Op.CREDIT_UPDATE or self._credit_update_due():
                 return self._packet(item.op, item.flags, item.payload)
         return None
@@ -378,6 +396,7 @@ class VsockConnection:
     def _end(self, reason: str) -> None:
         """CLOSED without a word to the peer; what was queued is dropped."""
         self._queue.clear()
+        self._unsent = 0
         self._credit_update_queued = self._credit_update_asked = False
         self.state = ConnectionState.CLOSED
         self.reason = reason

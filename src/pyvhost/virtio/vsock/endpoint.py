@@ -194,6 +194,11 @@ class VsockEndpoint:
                 return packet
         return None
 
+    @property
+    def has_packets(self) -> bool:
+        """next_packet() would return a packet now (a device takes a ring buffer only then)."""
+        return bool(self._replies) or any(c.has_packets for c in self._connections.values())
+
     def packets_to_send(self, max_payload: int | None = None) -> list[Packet]:
         """Every packet ready to send (see next_packet)."""
         packets = []
