@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from peers.qemu import PeerProcess, make_raw_image
 from pyvhost.cli.exercise import check_block
 
@@ -19,10 +21,16 @@ IMAGE_SIZE = 32 << 20
 
 
 def serve(
-    workdir: Path, sock: Path, image: Path, *, queues: int = 1, name: str = "serve"
+    workdir: Path,
+    sock: Path,
+    image: Path,
+    *,
+    queues: int = 1,
+    name: str = "serve",
+    extra: tuple[str, ...] = (),
 ) -> PeerProcess:
     argv = [sys.executable, "-m", "pyvhost", "serve", "blk", "--socket", str(sock)]
-    argv += ["--image", str(image), "--queues", str(queues)]
+    argv += ["--image", str(image), "--queues", str(queues), *extra]
     return PeerProcess(argv, workdir, name=name, timeout_s=120, socket=sock)
 
 
@@ -61,6 +69,25 @@ def test_exercise_against_pyvhost_serve(peer_dir: Path) -> None:
     assert result["errors"] == 0 and result["verified_bytes"] > 0
     assert result["queues"] == 2 and result["reconnects"] == 0
     check_image(image, result)
+
+
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_exercise_against_serve_with_busy_polling(peer_dir: Path, ring: str) -> None:
+    """--poll-us: depth 1 (the driver told not to kick while the rings are polled) and depth 8
+    on two queues, every byte verified."""
+    image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
+    sock = peer_dir / "blk.sock"
+    packed = ("--packed",) if ring == "packed" else ()
+    with serve(peer_dir, sock, image, queues=2, extra=("--poll-us", "300")):
+        for depth in ("1", "8"):
+            proc = exercise(
+                sock, "--seconds", "1", "--queues", "2", "--queue-depth", depth,
+                "--region", "2M", *packed,
+            )  # fmt: skip
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            result = json.loads(out)
+            assert result["errors"] == 0 and result["verified_bytes"] > 0
 
 
 def test_restart_of_serve_mid_run(peer_dir: Path) -> None:

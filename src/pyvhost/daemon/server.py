@@ -58,6 +58,7 @@ class Daemon:
         *,
         client: bool = False,
         workers: int = 1,
+        poll_us: int = 0,
         **handler_options: Any,
     ) -> None:
         if isinstance(device, Device | BackendDevice):
@@ -70,6 +71,8 @@ class Daemon:
         self.socket_path = os.fspath(socket_path)
         self.client = client
         self.workers = workers
+        self.poll_us = poll_us
+        """Busy-poll window of the queue workers after work (see :class:`EventLoop`)."""
         self.handler_options = handler_options
         self.connections = 0
         """Front-ends served so far."""
@@ -91,7 +94,7 @@ class Daemon:
 
     def serve_forever(self) -> None:
         """Serve front-ends one after the other until :meth:`shutdown`."""
-        self._loop = EventLoop(self.workers, name=f"{self.device_name}")
+        self._loop = EventLoop(self.workers, name=f"{self.device_name}", poll_us=self.poll_us)
         try:
             if self.client:
                 self._client_loop()
