@@ -73,16 +73,16 @@ def test_exercise_against_pyvhost_serve(peer_dir: Path) -> None:
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_exercise_against_serve_with_busy_polling(peer_dir: Path, ring: str) -> None:
-    """--poll-us: depth 1 (the driver told not to kick while the rings are polled) and depth 8
-    on two queues, every byte verified."""
+    """serve --poll-us: depth 1 (the driver told not to kick while the rings are polled; with
+    and without the driver polling too) and depth 8 on two queues, every byte verified."""
     image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
     sock = peer_dir / "blk.sock"
     packed = ("--packed",) if ring == "packed" else ()
     with serve(peer_dir, sock, image, queues=2, extra=("--poll-us", "300")):
-        for depth in ("1", "8"):
+        for depth, driver_poll in (("1", "0"), ("1", "200"), ("8", "0")):
             proc = exercise(
                 sock, "--seconds", "1", "--queues", "2", "--queue-depth", depth,
-                "--region", "2M", *packed,
+                "--region", "2M", "--poll-us", driver_poll, *packed,
             )  # fmt: skip
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err

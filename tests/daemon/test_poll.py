@@ -212,3 +212,35 @@ def test_rearm_serves_a_chain_added_while_notifications_come_back_on() -> None:
     finally:
         loop.stop()
         notifier.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_polling_on_both_sides_needs_neither_kicks_nor_calls(sock: str, packed: bool) -> None:
+    """A DriverSession with ``poll_us`` against a polling daemon: requests complete with every
+    byte right while the device signals almost no calls."""
+
+    from pyvhost.daemon.device import DEFAULT_RING_FEATURES
+    from pyvhost.driver.session import DriverSession
+    from pyvhost.virtio import features as vf
+
+    class AnyRing(Upper):
+        ring_features = DEFAULT_RING_FEATURES | 1 << vf.F_RING_PACKED
+
+    daemon = Daemon(AnyRing(), sock, poll_us=500_000)
+    with (
+        daemon.run_in_thread(),
+        DriverSession.connect(sock, packed=packed, queue_size=16) as session,
+    ):
+        session.poll_us = 500_000
+        for i in range(50):
+            text = b"request %d" % i
+            src, dst = session.alloc(len(text)), session.alloc(32)
+            session.view(src, len(text))[:] = text
+            token = session.submit(0, [(src, len(text))], [(dst, 32)])
+            session.kick(0)
+            [(got, written)] = session.wait(0, timeout=10)
+            assert got == token
+            assert bytes(session.view(dst, written)) == text.upper()
+            session.free(src)
+            session.free(dst)
+        assert session.notifications(0) <= 2, "the device called a polling driver"

@@ -263,6 +263,35 @@ def test_event_idx_disable_after_enable_draws_no_kick(rig: Rig) -> None:
     assert drv.should_kick()
 
 
+def test_event_idx_driver_disable_after_enable_draws_no_call(rig: Rig) -> None:
+    """A driver polling its used ring (interrupts disabled after an enable) gets no call."""
+    mem, desc, avail, used = rig.mem, rig.desc, rig.avail, rig.used
+    drv = SplitDriver(mem, SIZE, desc, avail, used, event_idx=True)
+    dev = SplitQueue(mem, SIZE, desc, avail, used, event_idx=True)
+    drv.add([(DATA, 1)], [])
+    drv.publish()
+    [chain] = dev.pop_batch(8)
+    dev.push(chain.head, 0)
+    assert dev.needs_notification()  # the first decision always notifies
+    assert len(drv.get_used()) == 1
+    for _ in range(3):
+        drv.add([(DATA, 1)], [])
+    drv.publish()
+    chains = dev.pop_batch(8)
+    assert not drv.enable_interrupts()
+    drv.disable_interrupts()
+    for chain in chains:
+        dev.push(chain.head, 0)
+        assert not dev.needs_notification()
+    assert len(drv.get_used()) == 3
+    assert not drv.enable_interrupts()
+    drv.add([(DATA, 1)], [])
+    drv.publish()
+    [chain] = dev.pop_batch(8)
+    dev.push(chain.head, 0)
+    assert dev.needs_notification()
+
+
 # -- dirty logging ---------------------------------------------------------------------------------
 
 
