@@ -107,38 +107,32 @@ class TxPath:
         valid = self._valid_headers
         good: list[DescriptorChain] = []
         keep = good.append
-        looped = 0
+        accept = self._accept
+        total = 0
         for chain in chains:
             n = chain.read_len
-            first = chain.readable[0] if n else None
-            if (
-                chain.write_len
-                or n < shortest
-                or n > longest
-                or first is None
-                or len(first) < 2
-                or (first[0] | first[1] << 8) not in valid
-            ):
-                if self._accept(chain, hdr_size, features):
+            if not chain.write_len and shortest <= n <= longest:
+                first = chain.readable[0]
+                if len(first) >= 2 and (first[0] | first[1] << 8) in valid:
                     keep(chain)
-                continue
-            keep(chain)
+                    total += n
+                    continue
+            if accept(chain, hdr_size, features):
+                keep(chain)
+                total += n
         if not good:
             return 0
         stats = self.stats
         if self.backend.loops_back:
             enqueue = self.rx.enqueue
             pad = bytes(hdr_size)
-            nbytes = 0
+            looped = 0
             for chain in good:
-                size = chain.read_len - hdr_size
-                looped += enqueue(pad + chain.read_at(hdr_size, size))
-                nbytes += size
+                looped += enqueue(pad + chain.read_at(hdr_size, chain.read_len - hdr_size))
             stats.tx_frames += len(good)
-            stats.tx_bytes += nbytes
+            stats.tx_bytes += total - len(good) * hdr_size
             return looped
         refused = self.backend.transmit_batch(self.pair, [c.readable for c in good])
-        total = sum(c.read_len for c in good)
         for k, exc in refused:
             chain = good[k]
             total -= chain.read_len
