@@ -261,7 +261,8 @@ class Testpmd:
     """One interactive ``dpdk-testpmd`` under ``timeout``, in its own process group.
 
     EAL: no hugepages (``--no-huge``: memory is a memfd a vhost-user peer can map), no PCI scan,
-    lcores ``cores`` (the first runs the prompt, the others forward), its runtime files (telemetry
+    lcores ``cores`` (the first runs the prompt, the others forward; ``eal_args`` such as
+    ``--main-lcore 1`` change that), its runtime files (telemetry
     and multi-process sockets) in ``workdir/run-NAME``. The log (stdout and stderr) is
     ``workdir/NAME.log``. :meth:`start` returns at the first prompt with telemetry connected;
     ``ready`` then waits for whatever the role needs.
@@ -282,6 +283,7 @@ class Testpmd:
         rxq: int = 1,
         txq: int = 1,
         app_args: Sequence[str] = (),
+        eal_args: Sequence[str] = (),
         timeout_s: float = 120,
         start_timeout: float = 20,
         ready: Callable[[Testpmd, float], None] | None = None,
@@ -297,6 +299,7 @@ class Testpmd:
         self.rxq = rxq
         self.txq = txq
         self.app_args = list(app_args)
+        self.eal_args = list(eal_args)
         self.timeout_s = timeout_s
         self.start_timeout = start_timeout
         self.ready = ready
@@ -331,6 +334,7 @@ class Testpmd:
             "--file-prefix",
             self.name,
         ]
+        eal += self.eal_args
         for vdev in self.vdevs:
             eal += ["--vdev", vdev]
         app = [

@@ -166,6 +166,8 @@ def test_vdevs_and_command_line(tmp_path: Path) -> None:
     assert command[1:4] == ["-k", "5", "120"] and command[5:7] == ["-oL", "-eL"]
     assert command[7:] == pmd.argv()
     assert pmd.telemetry_path == tmp_path / "run-t" / "dpdk" / "t" / "dpdk_telemetry.v2"
+    moved = Testpmd(tmp_path, [vhost_vdev(sock)], name="u", eal_args=["--main-lcore", "1"])
+    assert moved.argv()[9:13] == ["--main-lcore", "1", "--vdev", vhost_vdev(sock)]
 
 
 def test_missing_pieces_are_named_with_the_packages(monkeypatch: pytest.MonkeyPatch) -> None:

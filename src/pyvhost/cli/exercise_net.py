@@ -63,11 +63,18 @@ _TPACKET_STATS = struct.Struct("II")
 _SO_RCVBUFFORCE = 33
 
 
+_RAMP = bytes(range(256)) * 2
+"""Byte ``i`` of the pattern of frame ``seq`` is ``(seq * 7 + i) & 0xFF``: a slice of this."""
+_ETHERTYPE = ETHERTYPE.to_bytes(2, "big")
+
+
 def frame(direction: int, seq: int, size: int) -> bytes:
-    """Frame ``seq`` of a direction: Ethernet header, magic, direction and number, a pattern."""
+    """Frame ``seq`` of a direction: Ethernet header, magic, direction and number, a pattern
+    (``(seq * 7 + i) & 0xFF`` at byte ``i`` of it, repeated every 256 bytes)."""
     src, dst = (GUEST_MAC, HOST_MAC) if direction == _TX else (HOST_MAC, GUEST_MAC)
-    head = dst + src + ETHERTYPE.to_bytes(2, "big") + MAGIC + _SEQ.pack(direction, seq)
-    fill = bytes((seq * 7 + i) & 0xFF for i in range(256))
+    head = dst + src + _ETHERTYPE + MAGIC + _SEQ.pack(direction, seq)
+    start = seq * 7 & 0xFF
+    fill = _RAMP[start : start + 256]
     body = (fill * (size // 256 + 1))[: size - len(head)]
     return head + body
 

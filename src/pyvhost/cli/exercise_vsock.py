@@ -115,7 +115,10 @@ class _Run:
         self.guest_out: VsockConnection | None = None
 
     def start(self) -> None:
-        """Guest listener up, then both connections on their way."""
+        """Guest listener up, then both connections on their way (the streams' pattern blocks
+        made first, outside the timed transfer)."""
+        stream(HOST_TO_GUEST, 0, 1)
+        stream(GUEST_TO_HOST, 0, 1)
         self.endpoint.listen(GUEST_PORT)
         self.guest_out = self.endpoint.connect(HOST_CID, HOST_PORT, now=time.monotonic())
         self.host.start(self.result.guest_cid)

@@ -81,6 +81,24 @@ class NetBackend:
     def transmit(self, pair: int, packet: Sequence[memoryview]) -> None:
         """Send one packet (header + frame); an OSError is a drop the caller counts."""
 
+    def transmit_batch(
+        self, pair: int, packets: Sequence[Sequence[memoryview]]
+    ) -> list[tuple[int, OSError]]:
+        """Send several packets in order; the ``(index, error)`` of each one refused.
+
+        The default sends each with :meth:`transmit`, and consumes them without a call when
+        :meth:`transmit` is this class's own (a sink: nothing per packet)."""
+        transmit = self.transmit
+        if type(self).transmit is NetBackend.transmit:
+            return []
+        refused: list[tuple[int, OSError]] = []
+        for k, packet in enumerate(packets):
+            try:
+                transmit(pair, packet)
+            except OSError as exc:
+                refused.append((k, exc))
+        return refused
+
     def read(self, pair: int) -> bytes | None:
         """One packet (header + frame) from the host for ``pair``, or None when none waits."""
         return None
@@ -146,6 +164,20 @@ class TapBackend(NetBackend):
 
     def transmit(self, pair: int, packet: Sequence[memoryview]) -> None:
         os.writev(self.tap.fds[pair], packet)
+
+    def transmit_batch(
+        self, pair: int, packets: Sequence[Sequence[memoryview]]
+    ) -> list[tuple[int, OSError]]:
+        """One ``writev`` per packet (a TAP takes one packet per write), no call in between."""
+        fd = self.tap.fds[pair]
+        writev = os.writev
+        refused: list[tuple[int, OSError]] = []
+        for k, packet in enumerate(packets):
+            try:
+                writev(fd, packet)
+            except OSError as exc:
+                refused.append((k, exc))
+        return refused
 
     def read(self, pair: int) -> bytes | None:
         try:
