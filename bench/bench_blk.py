@@ -45,9 +45,11 @@ from typing import Any
 
 CASES = [(4096, 1), (4096, 32), (65536, 1), (65536, 32)]
 PEER_TIMEOUT = 900
-NAMES = ("pyvhost", "qsd", "qsd-uring")
-PEERS = NAMES[1:]
+OURS = ("pyvhost", "pyvhost-poll")
+"""``serve blk`` as it starts by default, and with ``--poll-us`` (busy polling after work)."""
+PEERS = ("qsd", "qsd-uring")
 """qemu-storage-daemon with its default thread pool, and with ``aio=io_uring`` (its fastest)."""
+RATIOS = (("pyvhost", "qsd"), ("pyvhost", "qsd-uring"), ("pyvhost-poll", "qsd-uring"))
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -143,16 +145,20 @@ def exercise(
     return Run(result, float(result.get("cpu_seconds", 0.0)), backend_cpu)
 
 
-def backends(work: Path, image_size: int, workers: int) -> dict[str, tuple[list[str], Path]]:
+def backends(
+    work: Path, names: tuple[str, ...], image_size: int, workers: int, poll_us: int
+) -> dict[str, tuple[list[str], Path]]:
     out: dict[str, tuple[list[str], Path]] = {}
-    for name in NAMES:
+    for name in names:
         image = work / f"{name}.img"
         with open(image, "wb") as f:
             f.truncate(image_size)
         sock = work / f"{name}.sock"
-        if name == "pyvhost":
+        if name in OURS:
             argv = [sys.executable, "-m", "pyvhost", "serve", "blk", "--quiet"]
             argv += ["--socket", str(sock), "--image", str(image), "--workers", str(workers)]
+            if name == "pyvhost-poll":
+                argv += ["--poll-us", str(poll_us)]
         else:
             qsd = shutil.which("qemu-storage-daemon")
             if qsd is None:
@@ -180,7 +186,7 @@ class Case:
 
     block: int
     depth: int
-    runs: dict[str, list[Run]] = field(default_factory=lambda: {n: [] for n in NAMES})
+    runs: dict[str, list[Run]] = field(default_factory=dict)
 
     def median(self, name: str, key: str) -> float:
         return statistics.median(float(r.result[key]) for r in self.runs[name])
@@ -191,21 +197,23 @@ class Case:
             float(getattr(r, which)) * 1e6 / max(1, r.requests) for r in self.runs[name]
         )
 
-    def ratios(self, peer: str) -> list[float]:
-        """pyvhost / ``peer`` IOPS of each repetition (they ran back to back)."""
+    def ratios(self, ours: str, peer: str) -> list[float]:
+        """``ours`` / ``peer`` IOPS of each repetition (they ran back to back)."""
         return [
             a.result["iops"] / b.result["iops"]
-            for a, b in zip(self.runs["pyvhost"], self.runs[peer], strict=True)
+            for a, b in zip(self.runs[ours], self.runs[peer], strict=True)
             if b.result["iops"]
         ]
 
 
 def print_table(cases: list[Case], args: argparse.Namespace, load: tuple[str, str]) -> None:
+    names = tuple(cases[0].runs)
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0))
+    poll = f", pyvhost-poll: --poll-us {args.poll_us}" if "pyvhost-poll" in names else ""
     print(
-        f"exercise blk vs pyvhost serve blk (--workers {args.workers}) and qemu-storage-daemon "
-        f"(thread pool: qsd; aio=io_uring: qsd-uring); {datetime.date.today()}"
+        f"exercise blk vs pyvhost serve blk (--workers {args.workers}{poll}) and "
+        f"qemu-storage-daemon (thread pool: qsd; aio=io_uring: qsd-uring); {datetime.date.today()}"
     )
     print(
         f"{args.reps} repetitions x {args.seconds:g} s per case and back-end (medians), "
@@ -213,27 +221,33 @@ def print_table(cases: list[Case], args: argparse.Namespace, load: tuple[str, st
         f"verified; {usable} of {cpus} cores usable, load average {load[0]} before, "
         f"{load[1]} after"
     )
-    heads = " ".join(f"{p + ' IOPS':>14}" for p in NAMES)
-    ratios = " ".join(f"{'/' + p:>6} {'(range)':>11}" for p in PEERS)
-    cpu = " ".join(f"{p:>9}" for p in NAMES)
+    pairs = [(a, b) for a, b in RATIOS if a in names and b in names]
+    heads = " ".join(f"{n + ' IOPS':>17}" for n in names)
+    ratios = " ".join(
+        f"{a.replace('pyvhost', 'py') + '/' + b:>16} {'(range)':>9}" for a, b in pairs
+    )
+    cpu = " ".join(f"{n:>12}" for n in names)
     print(f"{'block':>5} {'depth':>5} | {heads} | {ratios} | CPU ms/1k req: driver {cpu} | target")
     for case in cases:
-        iops = " ".join(f"{case.median(n, 'iops'):>14.0f}" for n in NAMES)
-        cols, verdicts = [], []
-        for peer in PEERS:
+        iops = " ".join(f"{case.median(n, 'iops'):>17.0f}" for n in names)
+        cols = []
+        for ours, peer in pairs:
             theirs = case.median(peer, "iops")
-            ratio = case.median("pyvhost", "iops") / theirs if theirs else float("nan")
-            rs = case.ratios(peer)
+            ratio = case.median(ours, "iops") / theirs if theirs else float("nan")
+            rs = case.ratios(ours, peer)
             spread = f"{min(rs):.2f}-{max(rs):.2f}" if rs else "-"
-            cols.append(f"{ratio:>6.2f} {spread:>11}")
-            verdicts.append(ratio)
-        driver = statistics.median(case.cpu_per_k(n, "driver_cpu") for n in NAMES)
-        backend = " ".join(f"{case.cpu_per_k(n, 'backend_cpu'):>9.0f}" for n in NAMES)
+            cols.append(f"{ratio:>16.2f} {spread:>9}")
+        driver = statistics.median(case.cpu_per_k(n, "driver_cpu") for n in names)
+        backend = " ".join(f"{case.cpu_per_k(n, 'backend_cpu'):>12.0f}" for n in names)
         # Issue 11's anchor: at least 1.0x the io_uring daemon in every case.
-        verdict = "met" if verdicts[-1] >= 1.0 else "MISSED"
+        verdicts = []
+        for ours in OURS:
+            if ours in names:
+                met = case.median(ours, "iops") >= case.median("qsd-uring", "iops")
+                verdicts.append(f"{ours} {'met' if met else 'MISSED'}")
         print(
             f"{case.block // 1024:>4}K {case.depth:>5} | {iops} | {' '.join(cols)} | "
-            f"{driver:>21.0f} {backend} | >= 1 x qsd-uring: {verdict}"
+            f"{driver:>21.0f} {backend} | >= 1 x qsd-uring: {', '.join(verdicts)}"
         )
 
 
@@ -349,6 +363,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.5, help="seconds per run (default 1.5)")
     parser.add_argument("--reps", type=int, default=3, help="runs per case and back-end (3)")
     parser.add_argument("--workers", type=int, default=1, help="pyvhost serve --workers (1)")
+    parser.add_argument(
+        "--poll-us",
+        type=int,
+        default=50,
+        help="--poll-us of the pyvhost-poll back-end (default 50; 0 leaves it out)",
+    )
     parser.add_argument("--size", type=int, default=256 << 20, help="image size (default 256M)")
     parser.add_argument("--region", type=int, default=64 << 20, help="bytes used (default 64M)")
     parser.add_argument(
@@ -367,22 +387,23 @@ def main() -> int:
     args = parser.parse_args()
     if args.scaling:
         return run_scaling(args)
+    names = ("pyvhost", "pyvhost-poll", *PEERS) if args.poll_us > 0 else ("pyvhost", *PEERS)
     cases = [
-        Case(int(b.upper().rstrip("K")) * 1024, int(d))
+        Case(int(b.upper().rstrip("K")) * 1024, int(d), {n: [] for n in names})
         for b, d in (c.split(":") for c in args.cases.split(","))
     ]
     work = Path(tempfile.mkdtemp(prefix="pvh-bench-", dir="/tmp"))
     load_before = f"{os.getloadavg()[0]:.1f}"
     try:
-        peers = backends(work, args.size, args.workers)
+        peers = backends(work, names, args.size, args.workers, args.poll_us)
         with contextlib.ExitStack() as stack:
             pids = {}
             for name, (argv, sock) in peers.items():
                 pids[name] = stack.enter_context(peer(argv, sock, work / f"{name}.log")).pid
             for rep in range(args.reps):
                 for k, case in enumerate(cases):
-                    turn = (rep + k) % len(NAMES)
-                    order = NAMES[turn:] + NAMES[:turn]
+                    turn = (rep + k) % len(names)
+                    order = names[turn:] + names[:turn]
                     for name in order:
                         run = exercise(
                             peers[name][1],

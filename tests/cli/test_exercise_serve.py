@@ -28,10 +28,11 @@ def serve(
     queues: int = 1,
     name: str = "serve",
     mode: str = "thread",
+    extra: tuple[str, ...] = (),
 ) -> PeerProcess:
     argv = [sys.executable, "-m", "pyvhost", "serve", "blk", "--socket", str(sock)]
     argv += ["--image", str(image), "--queues", str(queues)]
-    argv += ["--workers", str(queues), "--worker-mode", mode]
+    argv += ["--workers", str(queues), "--worker-mode", mode, *extra]
     return PeerProcess(argv, workdir, name=name, timeout_s=120, socket=sock)
 
 
@@ -74,6 +75,27 @@ def test_exercise_against_pyvhost_serve(peer_dir: Path, mode: str) -> None:
     check_image(image, result)
     if mode == "process":  # both queues were served by worker processes
         assert "worker0[" in log and "worker1[" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_exercise_against_serve_with_busy_polling(peer_dir: Path, ring: str, mode: str) -> None:
+    """serve --poll-us: depth 1 (the driver told not to kick while the rings are polled; with
+    and without the driver polling too) and depth 8 on two queues, every byte verified; in
+    process mode the worker processes poll."""
+    image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
+    sock = peer_dir / "blk.sock"
+    packed = ("--packed",) if ring == "packed" else ()
+    with serve(peer_dir, sock, image, queues=2, mode=mode, extra=("--poll-us", "300")):
+        for depth, driver_poll in (("1", "0"), ("1", "200"), ("8", "0")):
+            proc = exercise(
+                sock, "--seconds", "1", "--queues", "2", "--queue-depth", depth,
+                "--region", "2M", "--poll-us", driver_poll, *packed,
+            )  # fmt: skip
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            result = json.loads(out)
+            assert result["errors"] == 0 and result["verified_bytes"] > 0
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -29,11 +29,11 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_blk_arguments() -> None:
     args = _parse(
         "blk", "--socket", "/tmp/s", "--image", "/tmp/i", "--readonly", "--queues", "2",
-        "--client", "--serial", "ID", "--workers", "3",
+        "--client", "--serial", "ID", "--workers", "3", "--poll-us", "50",
     )  # fmt: skip
     expected = {
         "device": "blk", "socket": "/tmp/s", "image": "/tmp/i", "readonly": True, "queues": 2,
-        "client": True, "serial": "ID", "workers": 3, "queue_size": 256,
+        "client": True, "serial": "ID", "workers": 3, "queue_size": 256, "poll_us": 50,
     }  # fmt: skip
     assert {k: getattr(args, k) for k in expected} == expected
 
@@ -41,6 +41,7 @@ def test_blk_arguments() -> None:
 def test_rng_arguments_and_defaults() -> None:
     args = _parse("rng", "--socket", "/tmp/s")
     assert (args.device, args.socket, args.client, args.workers) == ("rng", "/tmp/s", False, 1)
+    assert args.poll_us == 0
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,8 @@ def test_rng_arguments_and_defaults() -> None:
     [
         ["blk", "--socket", "/tmp/s"],  # no image
         ["blk", "--socket", "/tmp/s", "--image", "i", "--queues", "0"],
+        ["blk", "--socket", "/tmp/s", "--image", "i", "--poll-us", "-1"],
+        ["rng", "--socket", "/tmp/s", "--poll-us", "soon"],
         ["rng"],  # no socket
         ["net", "--socket", "/tmp/s"],  # no such device
     ],

@@ -244,6 +244,54 @@ def test_event_idx_suppression(rig: Rig) -> None:
     assert dev.needs_notification()
 
 
+def test_event_idx_disable_after_enable_draws_no_kick(rig: Rig) -> None:
+    """A device polling its ring (notifications disabled after an enable) is not kicked at all;
+    enabling again asks for the very next entry."""
+    mem, desc, avail, used = rig.mem, rig.desc, rig.avail, rig.used
+    drv = SplitDriver(mem, SIZE, desc, avail, used, event_idx=True)
+    dev = SplitQueue(mem, SIZE, desc, avail, used, event_idx=True)
+    assert not dev.enable_notifications()
+    dev.disable_notifications()
+    for _ in range(3):
+        drv.add([(DATA, 1)], [])
+        drv.publish()
+        assert not drv.should_kick()
+        assert dev.pop() is not None
+    assert not dev.enable_notifications()
+    drv.add([(DATA, 1)], [])
+    drv.publish()
+    assert drv.should_kick()
+
+
+def test_event_idx_driver_disable_after_enable_draws_no_call(rig: Rig) -> None:
+    """A driver polling its used ring (interrupts disabled after an enable) gets no call."""
+    mem, desc, avail, used = rig.mem, rig.desc, rig.avail, rig.used
+    drv = SplitDriver(mem, SIZE, desc, avail, used, event_idx=True)
+    dev = SplitQueue(mem, SIZE, desc, avail, used, event_idx=True)
+    drv.add([(DATA, 1)], [])
+    drv.publish()
+    [chain] = dev.pop_batch(8)
+    dev.push(chain.head, 0)
+    assert dev.needs_notification()  # the first decision always notifies
+    assert len(drv.get_used()) == 1
+    for _ in range(3):
+        drv.add([(DATA, 1)], [])
+    drv.publish()
+    chains = dev.pop_batch(8)
+    assert not drv.enable_interrupts()
+    drv.disable_interrupts()
+    for chain in chains:
+        dev.push(chain.head, 0)
+        assert not dev.needs_notification()
+    assert len(drv.get_used()) == 3
+    assert not drv.enable_interrupts()
+    drv.add([(DATA, 1)], [])
+    drv.publish()
+    [chain] = dev.pop_batch(8)
+    dev.push(chain.head, 0)
+    assert dev.needs_notification()
+
+
 # -- dirty logging ---------------------------------------------------------------------------------
 
 

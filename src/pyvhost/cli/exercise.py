@@ -151,6 +151,8 @@ class ExerciseOptions:
     io_timeout: float = 30.0
     packed: bool = False
     indirect: bool = False
+    poll_us: int = 0
+    """The driver polls the used rings this long before sleeping on the call eventfds."""
     progress: bool = True
     jobs: int = 1
     """Driver processes after negotiation (``--jobs``): job ``q % jobs`` drives queue ``q``."""
@@ -425,6 +427,7 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
             indirect=opts.indirect,
             reconnect=opts.reconnect,
         )
+        session.poll_us = opts.poll_us
         blk = BlkDriver(session)
         cfg = blk.config
         result.capacity = cfg.capacity_bytes
@@ -595,6 +598,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     blk.add_argument("--packed", action="store_true", help="use packed virtqueues")
     blk.add_argument("--indirect", action="store_true", help="use indirect descriptors")
+    blk.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="poll the used rings this long (interrupts off) before sleeping (default 0)",
+    )
     blk.add_argument("--json", action="store_true", help="print one JSON object")
     blk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     exercise_net.add_parser(devices)
@@ -624,6 +634,7 @@ def run(args: argparse.Namespace) -> int:
         packed=args.packed,
         indirect=args.indirect,
         jobs=args.jobs,
+        poll_us=max(0, args.poll_us),
     )
     result = run_exercise(opts, None if args.quiet else sys.stderr)
     if args.json:

@@ -104,6 +104,7 @@ def main() -> int:
         region=spec["blocks"] * opts.block_size,
     )
     session = JobSession(spec)
+    session.poll_us = opts.poll_us
     try:
         blk = BlkDriver(session)
         runner = _Runner(blk, opts, result, first_block=spec["first_block"])
@@ -171,6 +172,7 @@ def run_jobs(
                 "passes": opts.passes,
                 "io_timeout": opts.io_timeout,
                 "progress": False,
+                "poll_us": opts.poll_us,
             }
             spec = {
                 "options": job_opts,

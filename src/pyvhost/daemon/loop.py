@@ -25,6 +25,19 @@ queue waits for frames) returns True from ``handle_queue``: the loop then leaves
 the kicks off instead of re-checking, which would spin, until the device calls
 :meth:`EventLoop.schedule` for that queue.
 
+Busy polling (``poll_us``, ``serve --poll-us``; off by default). At queue depth 1 every request
+pays two wake-ups: the driver's kick (an eventfd write that wakes this worker out of epoll) and
+our call. With ``poll_us > 0`` a worker that did work passes over its rings once with
+notifications left *off* (the driver is told not to kick: NO_NOTIFY, or with EVENT_IDX an
+avail_event it will not cross) and keeps looking at their avail indexes, and at its epoll set
+without sleeping, until ``poll_us`` microseconds pass with nothing to do; then it turns
+notifications back on, re-checks each ring (a chain added just before is served, not stranded)
+and sleeps again. Kicks, epoll wake-ups and eventfd reads vanish while requests keep coming,
+which is what the kernel's VHOST_SET_VRING_BUSYLOOP_TIMEOUT and SPDK's pollers buy too; the price
+is a core kept busy for ``poll_us`` after each burst (``bench/bench_blk.py`` prints the gain and
+the CPU per request side by side). A ring the device is waiting on (``handle_queue`` returned
+True) or that is disabled is not polled.
+
 A ring without a kick eventfd (SET_VRING_KICK with NOFD) is polled every millisecond. A queue whose
 driver breaks the rules (``VirtqueueError``, ``GuestMemoryError``) or whose device code raises is
 stopped: the error is logged with the queue index and reason, the error eventfd signalled, and the
@@ -207,6 +220,8 @@ class _QueueState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     kicks: int = 0
     calls: int = 0
+    quiet: bool = False
+    """Left with notifications off after a pass: the worker is polling the ring (``poll_us``)."""
 
 
 @dataclass(eq=False)
@@ -226,8 +241,12 @@ class _Watch:
 class _Worker:
     """One loop thread: an epoll set of kick fds and watched fds plus a wake-up eventfd."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, poll_ns: int = 0) -> None:
         self.name = name
+        self.poll_ns = poll_ns
+        self.busy_until = 0
+        """While non-zero (a ``time.monotonic_ns`` deadline) the worker polls its quiet rings."""
+        self.quiet: set[_QueueState] = set()
         self.epoll = select.epoll()
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.epoll.register(self.wake_fd, _EPOLL_FLAGS)
@@ -273,6 +292,7 @@ class _Worker:
                 self.epoll.unregister(fd)
         state.kick_fd = None
         self.polling.discard(state)
+        self.quiet.discard(state)
         if state in self.ready:
             self.ready.remove(state)
 
@@ -327,21 +347,79 @@ class _Worker:
 
     def _loop(self) -> None:
         while self.running:
-            timeout = POLL_INTERVAL_MS / 1000 if self.polling else -1
             try:
-                events = self.epoll.poll(timeout)
+                events = self.epoll.poll(self._timeout())
             except (OSError, ValueError):
                 if not self.running:
                     return
                 raise
-            due, watched = self._sort_events(events)
+            # In a function of its own: no reference to a queue outlives the round, or a
+            # stopped queue's views would keep the last front-end's memory mapped while we sleep.
+            self._round(events)
+
+    def _timeout(self) -> float:
+        """Seconds to sleep: none while busy polling; a tick while a ring has no kick fd."""
+        if self.busy_until:
+            return 0.0
+        return POLL_INTERVAL_MS / 1000 if self.polling else -1.0
+
+    def _round(self, events: list[tuple[int, int]]) -> None:
+        due, watched = self._sort_events(events)
+        if not self.poll_ns:
             _service_all(due)
-            for watch in watched:
-                _run_watch(watch)
-            # No reference may outlive the round: a stopped queue's views into guest memory
-            # would keep the last front-end's memory mapped while the worker sleeps.
-            due.clear()
-            watched.clear()
+        else:
+            if self.busy_until:
+                self._add_quiet_with_work(due)
+            for state, kicked in due:
+                self._keep_quiet(state, _service(state, kicked, quiet=True))
+        for watch in watched:
+            _run_watch(watch)
+        if self.poll_ns:
+            now = time.monotonic_ns()
+            if due or watched:
+                self.busy_until = now + self.poll_ns
+            elif self.busy_until and now >= self.busy_until:
+                self.busy_until = 0
+                self._rearm()
+
+    def _keep_quiet(self, state: _QueueState, quiet: bool) -> None:
+        with self.lock:
+            if quiet and not state.stopped:
+                self.quiet.add(state)
+            else:
+                self.quiet.discard(state)
+
+    def _add_quiet_with_work(self, due: list[tuple[_QueueState, bool]]) -> None:
+        """Busy polling: the quiet rings the driver added chains to join this round."""
+        with self.lock:
+            quiet = [s for s in self.quiet if all(s is not d for d, _ in due)]
+        for state in quiet:
+            with state.lock:
+                if state.stopped or not state.enabled:
+                    continue
+                try:
+                    work = state.queue.has_available()
+                except (VirtqueueError, GuestMemoryError):
+                    work = True  # the pass stops the queue with the reason
+            if work:
+                due.append((state, False))
+
+    def _rearm(self) -> None:
+        """The poll window passed without work: notifications on again, each ring re-checked
+        (a chain added just before is served now instead of waiting for a kick)."""
+        with self.lock:
+            quiet, self.quiet = self.quiet, set()
+        for state in quiet:
+            with state.lock:
+                if state.stopped or not state.quiet:
+                    continue
+                state.quiet = False
+                try:
+                    work = state.queue.enable_notifications()
+                except (VirtqueueError, GuestMemoryError):
+                    work = True
+            if work:
+                self.schedule(state)
 
     def _sort_events(
         self, events: list[tuple[int, int]]
@@ -380,35 +458,50 @@ def _service_all(due: list[tuple[_QueueState, bool]]) -> None:
         _service(state, kicked)
 
 
-def _service(state: _QueueState, kicked: bool) -> None:
-    """Handle one queue until its ring is empty with notifications re-enabled."""
+def _service(state: _QueueState, kicked: bool, *, quiet: bool = False) -> bool:
+    """Handle one queue until its ring is empty with notifications re-enabled; ``quiet``: one
+    pass, notifications left off (the worker polls the ring). True if the queue was left quiet."""
     with state.lock:
         if state.stopped:
-            return
+            return False
         if kicked and state.kick_fd is not None:
             state.kicks += _drain(state.kick_fd)
         if not state.enabled:
-            return
+            return False
         queue = state.queue
-        device, index, notifier = state.device, state.index, state.notifier
         try:
-            while True:
-                queue.disable_notifications()
-                waiting = device.handle_queue(index, queue, state.mem)
-                if queue.needs_notification():
-                    state.calls += 1
-                    notifier.call()
-                # A device waiting for input of its own leaves the chains and the kicks off
-                # until it schedules the queue again; re-checking would spin on them.
-                if waiting or not queue.enable_notifications():
-                    break
+            state.quiet = _passes(state, queue, quiet)
         except (VirtqueueError, GuestMemoryError) as exc:
             _stop_broken(state, f"{exc}")
+            state.quiet = False
         except Exception as exc:
-            log.exception("queue %d: %s.handle_queue raised", index, type(device).__name__)
+            log.exception(
+                "queue %d: %s.handle_queue raised", state.index, type(state.device).__name__
+            )
             _stop_broken(state, f"device error: {type(exc).__name__}: {exc}")
+            state.quiet = False
         if isinstance(queue, ResumedQueue) and not queue.pending:
             state.queue = queue.inner
+        return state.quiet
+
+
+def _passes(state: _QueueState, queue: DeviceQueue, quiet: bool) -> bool:
+    """The device's passes over the ring (see the module docstring); True if left quiet."""
+    device, index, notifier = state.device, state.index, state.notifier
+    while True:
+        queue.disable_notifications()
+        waiting = device.handle_queue(index, queue, state.mem)
+        if queue.needs_notification():
+            state.calls += 1
+            notifier.call()
+        # A device waiting for input of its own leaves the chains and the kicks off until it
+        # schedules the queue again; re-checking would spin on them.
+        if waiting:
+            return False
+        if quiet:
+            return True
+        if not queue.enable_notifications():
+            return False
 
 
 def _run_watch(watch: _Watch) -> None:
@@ -445,11 +538,15 @@ def _stop_broken(state: _QueueState, reason: str) -> None:
 class EventLoop:
     """Worker threads serving the started queues of the devices attached to it."""
 
-    def __init__(self, workers: int = 1, *, name: str = "pyvhost") -> None:
+    def __init__(self, workers: int = 1, *, name: str = "pyvhost", poll_us: int = 0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if poll_us < 0:
+            raise ValueError(f"poll_us must not be negative, got {poll_us}")
         self.workers = workers
         self.name = name
+        self.poll_us = poll_us
+        """After work, how long (microseconds) a worker polls its rings before sleeping again."""
         self._lock = threading.Lock()
         self._threads: list[_Worker] = []
         self._states: dict[tuple[int, int], _QueueState] = {}
@@ -464,7 +561,10 @@ class EventLoop:
             if self._closed:
                 raise RuntimeError(f"event loop {self.name} is stopped")
             if not self._threads:
-                self._threads = [_Worker(f"{self.name}-worker{i}") for i in range(self.workers)]
+                self._threads = [
+                    _Worker(f"{self.name}-worker{i}", self.poll_us * 1000)
+                    for i in range(self.workers)
+                ]
             return self._threads[index]
 
     def add_queue(

@@ -17,7 +17,8 @@ Each worker is a fresh interpreter (``python -m pyvhost.daemon.worker``, see
 :mod:`pyvhost.daemon.worker`), never a fork of the multi-threaded daemon, started when a
 front-end connects and ended when it leaves (the next front-end gets new ones). It builds its
 own twin of the device from :meth:`Device.process_spec <pyvhost.daemon.device.Device.process_spec>`
-and runs its queues (``worker_for_queue(i, N)`` says whose) on an ordinary one-thread EventLoop.
+and runs its queues (``worker_for_queue(i, N)`` says whose) on an ordinary one-thread EventLoop
+(with the daemon's ``poll_us``: a worker busy-polls its rings as a worker thread would).
 Messages (:mod:`pyvhost.daemon.procwire`) go daemon -> worker and the daemon waits for the
 answer: a queue started (ring, position, features, eventfds), stopped (the answer is its base,
 once the chains in flight are done: GET_VRING_BASE), enabled; memory table, dirty log, inflight
@@ -99,6 +100,8 @@ class _Child:
         index: int,
         name: str,
         spec: DeviceSpec,
+        *,
+        poll_us: int,
         on_report: Callable[[_Child, Message], None],
         on_death: Callable[[_Child], None],
     ) -> None:
@@ -149,6 +152,7 @@ class _Child:
                 "name": name,
                 "worker": index,
                 "log_level": level,
+                "poll_us": poll_us,
                 "sys_path": [p for p in sys.path if isinstance(p, str) and p],
             },
         )
@@ -268,11 +272,15 @@ class ProcessLoop:
     """Worker processes serving the started queues of one device at a time (the EventLoop
     interface, plus the state changes a worker has to hear of: see the module docstring)."""
 
-    def __init__(self, workers: int = 1, *, name: str = "pyvhost") -> None:
+    def __init__(self, workers: int = 1, *, name: str = "pyvhost", poll_us: int = 0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if poll_us < 0:
+            raise ValueError(f"poll_us must not be negative, got {poll_us}")
         self.workers = workers
         self.name = name
+        self.poll_us = poll_us
+        """Busy-poll window of each worker's EventLoop (see :class:`EventLoop`)."""
         self._lock = threading.Lock()
         self._children: list[_Child | None] = [None] * workers
         self._owner: ProcessAdapter | None = None
@@ -299,7 +307,14 @@ class ProcessLoop:
 
     def _spawn(self, index: int) -> _Child:
         assert self._spec is not None
-        child = _Child(index, self.name, self._spec, self._report, self._died)
+        child = _Child(
+            index,
+            self.name,
+            self._spec,
+            poll_us=self.poll_us,
+            on_report=self._report,
+            on_death=self._died,
+        )
         with self._lock:
             self._children[index] = child
         log.info("%s: %s started", self.name, child)

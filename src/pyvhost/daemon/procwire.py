@@ -58,7 +58,7 @@ MAX_FDS = 64
 MESSAGES: dict[str, dict[str, type]] = {
     # daemon -> worker
     "hello": {"factory": str, "kwargs": dict, "name": str, "worker": int, "log_level": int,
-              "sys_path": list},
+              "sys_path": list, "poll_us": int},
     "memory": {"regions": list},  # [[mmap_offset, size, gpa, userspace_addr], ...] + one fd each
     "log": {"size": int, "offset": int},  # + the log's fd; no fd: logging stopped
     "inflight": {"mmap_size": int, "mmap_offset": int, "num_queues": int, "queue_size": int,

@@ -65,6 +65,7 @@ class Daemon:
         client: bool = False,
         workers: int = 1,
         worker_mode: str = "thread",
+        poll_us: int = 0,
         **handler_options: Any,
     ) -> None:
         if worker_mode not in WORKER_MODES:
@@ -82,6 +83,8 @@ class Daemon:
         self.client = client
         self.workers = workers
         self.worker_mode = worker_mode
+        self.poll_us = poll_us
+        """Busy-poll window of the queue workers after work (see :class:`EventLoop`)."""
         self.handler_options = handler_options
         self.connections = 0
         """Front-ends served so far."""
@@ -104,9 +107,9 @@ class Daemon:
     def serve_forever(self) -> None:
         """Serve front-ends one after the other until :meth:`shutdown`."""
         if self.worker_mode == "process":
-            self._loop = ProcessLoop(self.workers, name=self.device_name)
+            self._loop = ProcessLoop(self.workers, name=self.device_name, poll_us=self.poll_us)
         else:
-            self._loop = EventLoop(self.workers, name=self.device_name)
+            self._loop = EventLoop(self.workers, name=self.device_name, poll_us=self.poll_us)
         try:
             if self.client:
                 self._client_loop()

@@ -172,7 +172,7 @@ class Worker:
         if not isinstance(device, Device):
             raise WireError(f"{f['factory']} returned a {type(device).__name__}, not a Device")
         self.device = device
-        self.loop = EventLoop(1, name=f"{f['name']}-w{f['worker']}")
+        self.loop = EventLoop(1, name=f"{f['name']}-w{f['worker']}", poll_us=f["poll_us"])
         self.host = DeviceAdapter(device, self.loop)
         log.info("serving %s queues (%s)", type(device).__name__, f["name"])
         return {"pid": os.getpid()}

@@ -692,9 +692,13 @@ class SplitQueue(RingQueue):
             self._mem.log_write(self._used_log_gpa, 2)
 
     def disable_notifications(self) -> None:
-        """Ask the driver not to kick (NO_NOTIFY; with EVENT_IDX, stop advancing avail_event)."""
+        """Ask the driver not to kick: NO_NOTIFY, or with EVENT_IDX an avail_event one behind
+        the next entry, which the driver's index will not cross again before it wraps (leaving
+        it where :meth:`enable_notifications` put it would still draw one kick)."""
         self._notify_enabled = False
-        if not self.event_idx:
+        if self.event_idx:
+            self._set_avail_event((self._last_avail - 1) & 0xFFFF)
+        else:
             self._set_used_flags(self._used[0] | VRING_USED_F_NO_NOTIFY)
 
     def enable_notifications(self) -> bool:

@@ -218,7 +218,10 @@ class SplitDriver:
         return self._used[1] != self._last_used
 
     def disable_interrupts(self) -> None:
-        """Tell the device notifications are not needed (NO_INTERRUPT; EVENT_IDX: no advancing)."""
+        """Tell the device notifications are not needed: NO_INTERRUPT, or with EVENT_IDX a
+        used_event one behind the next used entry (not crossed again before the index wraps)."""
         self._interrupts = False
-        if not self.event_idx:
+        if self.event_idx:
+            self._avail[self._used_event_index] = (self._last_used - 1) & 0xFFFF
+        else:
             self._avail[0] = self._avail[0] | VRING_AVAIL_F_NO_INTERRUPT
