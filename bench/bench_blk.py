@@ -16,6 +16,12 @@ included, a few ms): on a machine with few cores they tell which side limits.
 The driver is Python too, so it caps both sides; the ratio says how much of the machine each
 back-end leaves to the driver, not what a VM would see. Target (issue 11): at least 1.0x the
 io_uring daemon at 4 KiB depth 1, 4 KiB depth 32 and 64 KiB depth 32.
+
+``--scaling`` prints the multi-queue table instead (issue 11 part 3): for 1, 2 and 4 queues
+(``--queue-counts``), ``pyvhost serve blk --queues Q --workers Q`` with ``--worker-mode thread``
+and with ``--worker-mode process``, and qemu-storage-daemon (``aio=io_uring``, ``num-queues=Q``,
+one iothread), at 4 KiB with depth 32 and depth 1 per queue, driven by ``exercise blk --queues Q
+--jobs Q`` (each queue from a driver process of its own), the back-ends taking turns as above.
 """
 
 from __future__ import annotations
@@ -48,11 +54,12 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def process_tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its descendants (Linux /proc)."""
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants (Linux /proc),
+    those that ended and were reaped included (a worker process lives for one front-end)."""
     total = 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / _TICK
+        total += sum(int(v) for v in fields[11:15]) / _TICK
         for task in Path(f"/proc/{pid}/task").iterdir():
             children = (task / "children").read_text().split()
             total += sum(process_tree_cpu(int(child)) for child in children)
@@ -104,12 +111,21 @@ class Run:
 
 
 def exercise(
-    sock: Path, seconds: float, block: int, depth: int, region: int, *, backend_pid: int
+    sock: Path,
+    seconds: float,
+    block: int,
+    depth: int,
+    region: int,
+    *,
+    backend_pid: int,
+    queues: int = 1,
+    jobs: int = 1,
 ) -> Run:
     """One ``exercise blk`` run in its own process; raises on any error it reports."""
     argv = [sys.executable, "-m", "pyvhost", "exercise", "blk", "--socket", str(sock), "--json"]
     argv += ["--quiet", "--seconds", str(seconds), "--block-size", str(block)]
     argv += ["--queue-depth", str(depth), "--region", str(region), "--reconnect-timeout", "0"]
+    argv += ["--queues", str(queues), "--jobs", str(jobs)]
     proc = subprocess.Popen(
         ["timeout", "-k", "5", str(seconds * 4 + 60), *argv],
         stdout=subprocess.PIPE,
@@ -235,6 +251,113 @@ def print_table(cases: list[Case], args: argparse.Namespace, load: tuple[str, st
         )
 
 
+SCALING_NAMES = ("threads", "processes", "qsd-uring")
+SCALING_CASES = ((4096, 32), (4096, 1))
+
+
+def scaling_backends(work: Path, image_size: int, queues: int) -> dict[str, tuple[list[str], Path]]:
+    """pyvhost with Q worker threads, with Q worker processes, and qsd (io_uring, Q queues)."""
+    out: dict[str, tuple[list[str], Path]] = {}
+    for name in SCALING_NAMES:
+        image = work / f"{name}-{queues}.img"
+        with open(image, "wb") as f:
+            f.truncate(image_size)
+        sock = work / f"{name}-{queues}.sock"
+        if name != "qsd-uring":
+            mode = "thread" if name == "threads" else "process"
+            argv = [sys.executable, "-m", "pyvhost", "serve", "blk", "--quiet"]
+            argv += ["--socket", str(sock), "--image", str(image), "--queues", str(queues)]
+            argv += ["--workers", str(queues), "--worker-mode", mode]
+        else:
+            qsd = shutil.which("qemu-storage-daemon")
+            if qsd is None:
+                raise SystemExit("qemu-storage-daemon not installed")
+            argv = [
+                qsd,
+                "--object",
+                "iothread,id=iot0",
+                "--blockdev",
+                f"driver=file,node-name=file0,filename={image},aio=io_uring",
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=file0",
+                "--export",
+                f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues={queues},iothread=iot0",
+            ]
+        out[name] = (argv, sock)
+    return out
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """The multi-queue table: IOPS per queue count, threads vs processes vs qsd."""
+    counts = [int(c) for c in args.queue_counts.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="pvh-bench-", dir="/tmp"))
+    load_before = f"{os.getloadavg()[0]:.1f}"
+    results: dict[tuple[int, int, int], dict[str, list[Run]]] = {}
+    try:
+        for queues in counts:
+            peers = scaling_backends(work, args.size, queues)
+            with contextlib.ExitStack() as stack:
+                pids = {
+                    name: stack.enter_context(peer(argv, sock, work / f"{name}.log")).pid
+                    for name, (argv, sock) in peers.items()
+                }
+                for rep in range(args.reps):
+                    for k, (block, depth) in enumerate(SCALING_CASES):
+                        runs = results.setdefault(
+                            (queues, block, depth), {n: [] for n in SCALING_NAMES}
+                        )
+                        turn = (rep + k) % len(SCALING_NAMES)
+                        for name in SCALING_NAMES[turn:] + SCALING_NAMES[:turn]:
+                            runs[name].append(
+                                exercise(
+                                    peers[name][1],
+                                    args.seconds,
+                                    block,
+                                    depth,
+                                    args.region,
+                                    backend_pid=pids[name],
+                                    queues=queues,
+                                    jobs=queues,
+                                )
+                            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = f"{os.getloadavg()[0]:.1f}"
+    print(
+        f"exercise blk --queues Q --jobs Q vs pyvhost serve blk --queues Q --workers Q "
+        f"(threads | processes) and qemu-storage-daemon (aio=io_uring, num-queues=Q, 1 "
+        f"iothread); {datetime.date.today()}"
+    )
+    print(
+        f"{args.reps} repetitions x {args.seconds:g} s (medians, IOPS summed over the queues), "
+        f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores usable, load average "
+        f"{load_before} before, {load_after} after; CPU ms per 1000 requests (driver jobs; "
+        f"back-end with its workers)"
+    )
+    heads = " ".join(f"{n + ' IOPS':>15}" for n in SCALING_NAMES)
+    cpu = " ".join(f"{n:>9}" for n in SCALING_NAMES)
+    print(f"{'Q':>2} {'block':>5} {'depth/q':>7} | {heads} | proc/thr | CPU driver | {cpu}")
+    for (queues, block, depth), runs in results.items():
+        med = {
+            n: statistics.median(float(r.result["iops"]) for r in runs[n]) for n in SCALING_NAMES
+        }
+        driver = statistics.median(
+            r.driver_cpu * 1e6 / max(1, r.requests) for n in SCALING_NAMES for r in runs[n]
+        )
+        backend = " ".join(
+            f"{statistics.median(r.backend_cpu * 1e6 / max(1, r.requests) for r in runs[n]):>9.0f}"
+            for n in SCALING_NAMES
+        )
+        iops = " ".join(f"{med[n]:>15.0f}" for n in SCALING_NAMES)
+        ratio = med["processes"] / med["threads"] if med["threads"] else float("nan")
+        print(
+            f"{queues:>2} {block // 1024:>4}K {depth:>7} | {iops} | {ratio:>8.2f} | "
+            f"{driver:>10.0f} | {backend}"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="seconds per run (default 1.5)")
@@ -253,7 +376,17 @@ def main() -> int:
         default=",".join(f"{b // 1024}K:{d}" for b, d in CASES),
         help="block:depth list (default %(default)s)",
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="the multi-queue table: threads vs worker processes vs qsd for 1, 2, 4 queues",
+    )
+    parser.add_argument(
+        "--queue-counts", default="1,2,4", help="queue counts of --scaling (default 1,2,4)"
+    )
     args = parser.parse_args()
+    if args.scaling:
+        return run_scaling(args)
     names = ("pyvhost", "pyvhost-poll", *PEERS) if args.poll_us > 0 else ("pyvhost", *PEERS)
     cases = [
         Case(int(b.upper().rstrip("K")) * 1024, int(d), {n: [] for n in names})

@@ -27,7 +27,7 @@ def sock() -> Iterator[str]:
 
 def _busy(daemon: Daemon) -> bool:
     loop = daemon._loop
-    assert loop is not None
+    assert isinstance(loop, EventLoop)
     return any(w.busy_until for w in loop._threads)
 
 

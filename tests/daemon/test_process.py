@@ -105,21 +105,28 @@ def test_sigkilled_daemon_resumes_inflight_requests(workdir: Path) -> None:
         assert "1 in-flight requests recovered" in second.stderr
 
 
-def test_driver_session_reconnects_and_gets_every_reply(workdir: Path) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_driver_session_reconnects_and_gets_every_reply(workdir: Path, mode: str) -> None:
     """The same crash seen through DriverSession (the driver engineer's front-end), reconnecting
-    by itself: every request is answered exactly once and correctly."""
+    by itself: every request is answered exactly once and correctly (queues served by threads,
+    or by worker processes that die with the daemon's process group)."""
     from pyvhost.driver.session import DriverSession
 
     sock = workdir / "toy.sock"
+    args = ["--workers", "2", "--worker-mode", mode]
     first = PeerProcess(
-        [sys.executable, TOY, str(sock), "--hang"],
+        [sys.executable, TOY, str(sock), "--hang", *args],
         workdir,
         name="first",
         timeout_s=60,
         socket=sock,
     )
     second = PeerProcess(
-        [sys.executable, TOY, str(sock)], workdir, name="second", timeout_s=60, socket=sock
+        [sys.executable, TOY, str(sock), *args],
+        workdir,
+        name="second",
+        timeout_s=60,
+        socket=sock,
     )
     with first:
         session = DriverSession.connect(str(sock), num_queues=2, queue_size=16, reconnect=20)

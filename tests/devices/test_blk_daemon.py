@@ -39,8 +39,10 @@ def sock(tmp_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def served(device: BlkDevice, sock: Path, workers: int = 1) -> Iterator[Daemon]:
-    daemon = Daemon(device, sock, workers=workers)
+def served(
+    device: BlkDevice, sock: Path, workers: int = 1, mode: str = "thread"
+) -> Iterator[Daemon]:
+    daemon = Daemon(device, sock, workers=workers, worker_mode=mode)
     try:
         with daemon.run_in_thread():
             yield daemon
@@ -62,13 +64,14 @@ def disk(image: Path, sector: int, n: int) -> bytes:
         return f.read(n)
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
 @pytest.mark.parametrize("queues", [1, 2])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_all_requests_through_the_protocol(
-    image: Path, sock: Path, queues: int, workers: int
+    image: Path, sock: Path, queues: int, workers: int, mode: str
 ) -> None:
     dev = BlkDevice.from_args(image, readonly=False, queues=queues, serial="proto", queue_size=64)
-    with served(dev, sock, workers), driver(sock, queues) as drv:
+    with served(dev, sock, workers, mode), driver(sock, queues) as drv:
         cfg = drv.read_config()
         assert cfg.capacity == DISK // SECTOR
         assert cfg.num_queues == queues
@@ -95,15 +98,16 @@ def test_all_requests_through_the_protocol(
         assert info.value.status == VIRTIO_BLK_S_IOERR
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @pytest.mark.parametrize("queues", [1, 2])
 def test_pipelined_requests_on_all_queues(
-    image: Path, sock: Path, queues: int, packed: bool
+    image: Path, sock: Path, queues: int, packed: bool, mode: str
 ) -> None:
     """Queue depth 16 per queue, every queue at once, verified in the image file."""
     dev = BlkDevice.from_args(image, readonly=False, queues=queues, serial=None, queue_size=64)
     expected: dict[int, bytes] = {}
-    with served(dev, sock, workers=queues), driver(sock, queues, packed=packed) as drv:
+    with served(dev, sock, queues, mode), driver(sock, queues, packed=packed) as drv:
         assert drv.session.packed == packed
         tokens = []
         for k in range(16):
@@ -129,10 +133,11 @@ def test_pipelined_requests_on_all_queues(
         assert disk(image, sector, len(data)) == data
 
 
-def test_read_only_through_the_protocol(image: Path, sock: Path) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_read_only_through_the_protocol(image: Path, sock: Path, mode: str) -> None:
     before = image.read_bytes()
     dev = BlkDevice.from_args(image, readonly=True, queues=1, serial=None, queue_size=64)
-    with served(dev, sock), driver(sock, 1) as drv:
+    with served(dev, sock, mode=mode), driver(sock, 1) as drv:
         assert drv.read_only
         assert not drv.session.has_feature(vf.BLK_F_DISCARD)
         assert drv.read(7, SECTOR) == before[7 * SECTOR : 8 * SECTOR]
@@ -143,14 +148,17 @@ def test_read_only_through_the_protocol(image: Path, sock: Path) -> None:
     assert image.read_bytes() == before
 
 
-def test_reconnect_after_the_front_end_leaves(image: Path, sock: Path) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_reconnect_after_the_front_end_leaves(image: Path, sock: Path, mode: str) -> None:
     """The same device serves a second front-end after the first one went away."""
-    dev = BlkDevice.from_args(image, readonly=False, queues=1, serial=None, queue_size=64)
-    with served(dev, sock):
-        with driver(sock, 1) as drv:
+    dev = BlkDevice.from_args(image, readonly=False, queues=2, serial=None, queue_size=64)
+    with served(dev, sock, 2, mode):
+        with driver(sock, 2) as drv:
             drv.write(0, pattern(SECTOR, seed=1))
-        with driver(sock, 1) as drv:
-            assert drv.read(0, SECTOR) == pattern(SECTOR, seed=1)
+            drv.write(8, pattern(SECTOR, seed=2), queue=1)
+        with driver(sock, 2) as drv:
+            assert drv.read(0, SECTOR, queue=1) == pattern(SECTOR, seed=1)
+            assert drv.read(8, SECTOR) == pattern(SECTOR, seed=2)
 
 
 _SERVER = textwrap.dedent(

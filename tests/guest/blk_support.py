@@ -100,6 +100,16 @@ def problems(log: str) -> list[str]:
     ]
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (all its threads')."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def main_pid(proc: PeerProcess) -> int:
     """The pid of the program `PeerProcess` runs under `timeout` (its only child)."""
     assert proc.pid is not None
@@ -292,8 +302,14 @@ def kill_at(
     looks = regions = most = 0
     while looks == 0 or time.monotonic() - started < within:
         looks += 1
-        os.kill(pid, signal.SIGSTOP)
+        frozen = [pid, *_children(pid)]  # worker processes (--worker-mode process) too
+        for p in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
         _wait_stopped(pid)
+        for p in frozen[1:]:  # a worker that is ending may never stop: it is gone soon
+            with contextlib.suppress(AssertionError):
+                _wait_stopped(p, 0.5)
         marked, pending = [], []
         for path in inflight_mappings(pid):
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
@@ -310,7 +326,9 @@ def kill_at(
                 f"({max(marked)} marked)"
             )
             return max(pending)
-        os.kill(pid, signal.SIGCONT)
+        for p in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
         time.sleep(0.001 + 0.001 * (looks % 5))
     raise AssertionError(
         f"{proc.name}: never saw {'a request' if want_in_flight else 'no request'} in flight "

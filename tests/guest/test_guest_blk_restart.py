@@ -218,22 +218,34 @@ def _first_difference(a: bytes, b: bytes) -> int | None:
 
 
 @pytest.mark.parametrize(
-    ("ring", "moment"),
+    ("ring", "moment", "mode"),
     [
-        ("split", "in_flight"),
-        ("split", "idle"),
-        ("packed", "in_flight"),
-        ("packed", "idle"),
+        ("split", "in_flight", "thread"),
+        ("split", "idle", "thread"),
+        ("packed", "in_flight", "thread"),
+        ("packed", "idle", "thread"),
+        ("split", "in_flight", "process"),
+        ("packed", "in_flight", "process"),
     ],
 )
 def test_backend_restart_under_running_guest_loses_no_request(
-    peer_dir: Path, guest_vm: QemuVM, guest_assets: GuestAssets, ring: str, moment: str
+    peer_dir: Path,
+    guest_vm: QemuVM,
+    guest_assets: GuestAssets,
+    *,
+    ring: str,
+    moment: str,
+    mode: str,
 ) -> None:
+    """In process mode the daemon is killed with its worker process (which serves the queue and
+    holds the requests in flight): the worker dies with it, and the next daemon's worker redoes
+    them from the inflight region."""
     packed = ring == "packed"
     image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
     sock = peer_dir / "blk.sock"
     control = _Control(peer_dir / "ctl.sock")
-    daemons: list[PeerProcess] = [serve_blk(peer_dir, "serve-0", sock, image)]
+    mode_args = ("--worker-mode", mode)
+    daemons: list[PeerProcess] = [serve_blk(peer_dir, "serve-0", sock, image, *mode_args)]
     guest_vm.extra_args += [
         "-chardev",
         f"socket,id=rc0,path={sock},reconnect=1",
@@ -262,7 +274,7 @@ def test_backend_restart_under_running_guest_loses_no_request(
                     guest_vm, guest, control, daemons, moment=moment, k=k, sock=sock, packed=packed
                 )
             )
-            daemons.append(serve_blk(peer_dir, f"serve-{len(daemons)}", sock, image))
+            daemons.append(serve_blk(peer_dir, f"serve-{len(daemons)}", sock, image, *mode_args))
             wait_started(daemons[-1])
             _stop_finished_phases(control, KILLS[moment][k + 1 :])
         _watch(guest_vm, guest, None)

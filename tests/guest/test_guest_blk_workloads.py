@@ -193,13 +193,46 @@ def test_guest_page_cache_and_ext4_workload(
     queue_size: int,
     packed: bool,
 ) -> None:
+    _workload(peer_dir, guest_vm, blk_daemon, queue_size, packed)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_guest_workload_on_two_queues_served_by_worker_processes(
+    peer_dir: Path, guest_vm: QemuVM, packed: bool
+) -> None:
+    """The same workload on two queues (two guest CPUs), each served by a worker process of
+    ``serve blk --workers 2 --worker-mode process``."""
+    image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
+    args = ("--queues", "2", "--workers", "2", "--worker-mode", "process")
+    daemon = serve_blk(peer_dir, "serve", peer_dir / "blk.sock", image, *args)
+    try:
+        guest_vm.cpus = 2  # Linux gives virtio-blk at most one queue per CPU
+        _workload(peer_dir, guest_vm, (daemon, image), 256, packed, queues=2)
+        log = daemon.stderr
+        assert "worker0[" in log and "worker1[" in log, log[-2000:]
+        assert "died" not in log
+    finally:
+        daemon.stop()
+
+
+def _workload(
+    peer_dir: Path,
+    guest_vm: QemuVM,
+    blk_daemon: tuple[PeerProcess, Path],
+    queue_size: int,
+    packed: bool,
+    *,
+    queues: int = 1,
+) -> None:
     e2fsck = require("e2fsck")
     debugfs = require("debugfs")
     require("mke2fs")  # the guest's mkfs.ext4 is the host's, copied into the initramfs
     daemon, image = blk_daemon
     assert daemon.socket is not None
     guest_vm.memory = GUEST_MEMORY
-    guest_vm.add_vhost_user_blk(daemon.socket, packed=packed, queue_size=queue_size)
+    guest_vm.add_vhost_user_blk(
+        daemon.socket, packed=packed, queue_size=queue_size, num_queues=queues
+    )
     try:
         result = boot_guest(guest_vm, guest_script(), timeout=GUEST_TIMEOUT)
     except GuestError as e:

@@ -154,6 +154,8 @@ class ExerciseOptions:
     poll_us: int = 0
     """The driver polls the used rings this long before sleeping on the call eventfds."""
     progress: bool = True
+    jobs: int = 1
+    """Driver processes after negotiation (``--jobs``): job ``q % jobs`` drives queue ``q``."""
 
 
 @dataclass
@@ -196,6 +198,7 @@ class ExerciseResult:
     resubmitted: int = 0
     in_flight_at_loss: int = 0
     checks: list[str] = field(default_factory=list)
+    jobs: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,12 +219,21 @@ def _queue_size(depth: int) -> int:
 class _Runner:
     """The write / read-back / verify pipeline over all queues, ``queue_depth`` deep each."""
 
-    def __init__(self, blk: BlkDriver, opts: ExerciseOptions, result: ExerciseResult) -> None:
+    def __init__(
+        self,
+        blk: BlkDriver,
+        opts: ExerciseOptions,
+        result: ExerciseResult,
+        *,
+        first_block: int = 0,
+    ) -> None:
         self.blk = blk
         self.opts = opts
         self.result = result
         self.bs = opts.block_size
         self.sectors_per_block = opts.block_size // SECTOR_SIZE
+        self.first_block = first_block
+        """Block numbers (the pattern's and the disk's) start here: a job's slice of the region."""
         self.blocks = result.region // opts.block_size
         self.pass_no = 0
         self.next_block = 0
@@ -253,10 +265,10 @@ class _Runner:
                 self.busy[token] = ("read", block, p)
             elif (
                 not stopping
-                and self.next_block not in self.in_use
+                and self.first_block + self.next_block not in self.in_use
                 and (self.opts.passes is None or self.pass_no < self.opts.passes)
             ):
-                block, p = self.next_block, self.pass_no
+                block, p = self.first_block + self.next_block, self.pass_no
                 data = pattern(self.bs, p, block)
                 token = self.blk.submit_write(
                     block * self.sectors_per_block, data, queue=q, kick=False
@@ -397,6 +409,7 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
         block_size=opts.block_size,
         queue_depth=opts.queue_depth,
         queues=opts.queues,
+        jobs=opts.jobs,
     )
     if opts.block_size % SECTOR_SIZE or opts.block_size <= 0:
         result.fatal = f"block size {opts.block_size} is not a multiple of {SECTOR_SIZE}"
@@ -434,13 +447,10 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
                 f"({opts.block_size} bytes)"
             )
         _checks(blk, result, opts.block_size)
-        runner = _Runner(blk, opts, result)
-        cpu_start = time.process_time()
-        elapsed = runner.run(progress)
-        result.cpu_seconds = round(time.process_time() - cpu_start, 3)
-        if blk.has_feature(vf.BLK_F_FLUSH):
-            blk.flush()
-            result.flushes += 1
+        if opts.jobs > 1:
+            elapsed = _run_jobs(session, opts, result, region)
+        else:
+            elapsed = _run_here(blk, opts, result, progress)
         result.elapsed = elapsed
         ios = result.reads + result.writes
         result.iops = round(ios / elapsed, 1) if elapsed > 0 else 0.0
@@ -459,6 +469,51 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
     return result
 
 
+def _run_here(
+    blk: BlkDriver, opts: ExerciseOptions, result: ExerciseResult, progress: IO[str] | None
+) -> float:
+    """The timed run in this process; the final FLUSH; the elapsed time."""
+    runner = _Runner(blk, opts, result)
+    cpu_start = time.process_time()
+    elapsed = runner.run(progress)
+    result.cpu_seconds = round(time.process_time() - cpu_start, 3)
+    if blk.has_feature(vf.BLK_F_FLUSH):
+        blk.flush()
+        result.flushes += 1
+    return elapsed
+
+
+_SUMMED = (
+    "errors", "reads", "writes", "bytes_read", "bytes_written", "verified_bytes",
+    "verified_blocks", "flushes", "cpu_seconds",
+)  # fmt: skip
+
+
+def _run_jobs(
+    session: DriverSession, opts: ExerciseOptions, result: ExerciseResult, region: int
+) -> float:
+    """``--jobs``: the queues driven by job processes (:mod:`pyvhost.cli.exercise_jobs`); their
+    results summed into ``result``; the longest job's elapsed time returned."""
+    from pyvhost.cli.exercise_jobs import run_jobs
+
+    try:
+        elapsed, outs = run_jobs(session, opts, result, opts.jobs, region)
+    except ValueError as exc:
+        raise VhostError(str(exc)) from exc
+    for job, out in enumerate(outs):
+        for key in _SUMMED:
+            setattr(result, key, getattr(result, key) + out.get(key, 0))
+        for detail in out.get("error_details", []):
+            if len(result.error_details) < _MAX_DETAILS:
+                result.error_details.append(f"job {job}: {detail}")
+        if out.get("fatal"):
+            result.errors += 1
+            result.error_details.append(f"job {job}: {out['fatal']}")
+    result.cpu_seconds = round(result.cpu_seconds, 3)
+    result.passes = min(int(out.get("passes", 0)) for out in outs)
+    return elapsed
+
+
 def format_report(result: ExerciseResult) -> str:
     """The human report: what was found, what was verified, how fast."""
     lines = [
@@ -471,7 +526,8 @@ def format_report(result: ExerciseResult) -> str:
         + (" (inflight tracking)" if result.inflight_mode else ""),
         f"run           {result.queues} queue(s) x depth {result.queue_depth}, "
         f"{result.block_size}-byte blocks over {result.region} bytes, "
-        f"{result.passes} full pass(es)",
+        f"{result.passes} full pass(es)"
+        + (f", driven by {result.jobs} job processes" if result.jobs > 1 else ""),
     ]
     lines += [f"check         {c}" for c in result.checks]
     lines.append(
@@ -529,6 +585,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=30.0,
         help="seconds to wait for a back-end that went away (0: fail at once)",
     )
+    blk.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "driver processes: after negotiation queue q is driven by process q %% N, so that "
+            "the driver is not the bottleneck of a multi-queue back-end (split rings, no "
+            "reconnection; default 1)"
+        ),
+    )
     blk.add_argument("--packed", action="store_true", help="use packed virtqueues")
     blk.add_argument("--indirect", action="store_true", help="use indirect descriptors")
     blk.add_argument(
@@ -552,6 +619,9 @@ def run(args: argparse.Namespace) -> int:
     if args.queue_depth < 1 or args.queues < 1:
         print("exercise: --queue-depth and --queues must be at least 1", file=sys.stderr)
         return 2
+    if not 1 <= args.jobs <= args.queues or (args.jobs > 1 and args.packed):
+        print("exercise: --jobs must be between 1 and --queues, split rings only", file=sys.stderr)
+        return 2
     opts = ExerciseOptions(
         socket=args.socket,
         seconds=args.seconds,
@@ -563,6 +633,7 @@ def run(args: argparse.Namespace) -> int:
         reconnect=args.reconnect_timeout,
         packed=args.packed,
         indirect=args.indirect,
+        jobs=args.jobs,
         poll_us=max(0, args.poll_us),
     )
     result = run_exercise(opts, None if args.quiet else sys.stderr)

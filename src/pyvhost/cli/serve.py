@@ -3,7 +3,8 @@
 Usage::
 
     pyvhost serve blk --socket PATH --image FILE [--readonly] [--queues N] [--client]
-                      [--serial ID] [--workers N] [--queue-size N] [--poll-us US]
+                      [--serial ID] [--workers N] [--worker-mode thread|process] [--queue-size N]
+                      [--poll-us US]
                       [--require-sealed-memory]
     pyvhost serve rng --socket PATH [--client] [--require-sealed-memory]
     pyvhost serve net --socket PATH (--tap NAME [--kernel DEV] | --backend loopback|sink) ...
@@ -61,7 +62,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="queue worker threads (default 1: one loop thread serves every queue)",
+        help="queue workers (default 1: one loop thread serves every queue)",
+    )
+    parser.add_argument(
+        "--worker-mode",
+        choices=("thread", "process"),
+        default="thread",
+        help=(
+            "workers are threads of this process (default) or worker processes, each with its "
+            "own interpreter, so that ring work runs on several cores (devices that support it: "
+            "blk)"
+        ),
     )
     parser.add_argument(
         "--poll-us",
@@ -183,17 +194,32 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"pyvhost serve {args.device}: {exc}", file=sys.stderr)
         return 1
     try:
-        Daemon(
-            device, args.socket, client=args.client, workers=args.workers, poll_us=args.poll_us
-        ).run()
+        daemon = Daemon(
+            device,
+            args.socket,
+            client=args.client,
+            workers=args.workers,
+            worker_mode=args.worker_mode,
+            poll_us=args.poll_us,
+        )
+    except ValueError as exc:
+        print(f"pyvhost serve {args.device}: {exc}", file=sys.stderr)
+        _close(device)
+        return 1
+    try:
+        daemon.run()
     except OSError as exc:
         print(f"pyvhost serve {args.device}: {args.socket}: {exc}", file=sys.stderr)
         return 1
     finally:
-        close = getattr(device, "close", None)
-        if callable(close):
-            close()
+        _close(device)
     return 0
+
+
+def _close(device: object) -> None:
+    close = getattr(device, "close", None)
+    if callable(close):
+        close()
 
 
 def _memory_safety_reset() -> None:

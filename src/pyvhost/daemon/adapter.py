@@ -11,11 +11,12 @@ hook, and puts the device's queues and watched fds on the event loop, which talk
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from pyvhost.closing import Closing
 from pyvhost.daemon.device import Device, WatchCallback, attach, detach
-from pyvhost.daemon.loop import EventLoop
+from pyvhost.daemon.loop import EventLoop, QueueOwner
 from pyvhost.errors import ProtocolError
 from pyvhost.user.device import BackendDevice
 
@@ -24,9 +25,56 @@ if TYPE_CHECKING:
     from pyvhost.virtio.memory import GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
-__all__ = ["DeviceAdapter"]
+__all__ = ["DeviceAdapter", "QueueLoop"]
 
 log = logging.getLogger("pyvhost.daemon")
+
+
+class QueueLoop(Protocol):
+    """What serves an adapter's queues and watches: an :class:`EventLoop` (worker threads) or a
+    :class:`~pyvhost.daemon.procloop.ProcessLoop` (worker processes)."""
+
+    @property
+    def workers(self) -> int: ...
+
+    def add_queue(
+        self,
+        device: QueueOwner,
+        index: int,
+        queue: DeviceQueue,
+        notifier: VringNotifier,
+        mem: GuestMemory,
+        *,
+        worker: int | None = None,
+    ) -> None: ...
+
+    def remove_queue(self, device: QueueOwner, index: int) -> int | None:
+        """Stop the queue; its base if the loop knows it better than the handler's queue."""
+        ...
+
+    def remove_device(self, device: QueueOwner) -> None: ...
+
+    def set_enabled(self, device: QueueOwner, index: int, enabled: bool) -> None: ...
+
+    def schedule(self, device: QueueOwner, index: int) -> None: ...
+
+    def notify(self, device: QueueOwner, index: int) -> None: ...
+
+    def add_watch(
+        self,
+        owner: object,
+        fd: int,
+        callback: Callable[[int], None],
+        *,
+        worker: int = 0,
+        on_error: Callable[[int], None] | None = None,
+    ) -> None: ...
+
+    def remove_watch(self, owner: object, fd: int) -> None: ...
+
+    def idle(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class DeviceAdapter(Closing, BackendDevice):
@@ -37,7 +85,7 @@ class DeviceAdapter(Closing, BackendDevice):
     a wrong answer raises ValueError before any front-end request is handled.
     """
 
-    def __init__(self, device: Device, loop: EventLoop | None = None) -> None:
+    def __init__(self, device: Device, loop: QueueLoop | None = None) -> None:
         self.device = device
         self.name = type(device).__name__
         self.num_queues = device.num_queues
@@ -46,7 +94,7 @@ class DeviceAdapter(Closing, BackendDevice):
         self.protocol_features = device.protocol_features
         self.mem: GuestMemory | None = None
         self._owns_loop = loop is None
-        self.loop = EventLoop(workers=1, name=self.name) if loop is None else loop
+        self.loop: QueueLoop = EventLoop(workers=1, name=self.name) if loop is None else loop
         self._workers = [self._worker_for(index) for index in range(self.num_queues)]
         attach(device, self)
 
@@ -110,8 +158,8 @@ class DeviceAdapter(Closing, BackendDevice):
             raise ProtocolError(f"vring {index} started before any memory table")
         self.loop.add_queue(self, index, queue, notifier, mem, worker=self._workers[index])
 
-    def queue_stopped(self, index: int) -> None:
-        self.loop.remove_queue(self, index)
+    def queue_stopped(self, index: int) -> int | None:
+        return self.loop.remove_queue(self, index)
 
     def queue_enabled(self, index: int, enabled: bool) -> None:
         self.loop.set_enabled(self, index, enabled)

@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pyvhost.errors import UnsupportedRequestError
 from pyvhost.user.device import unsupported
@@ -79,6 +79,7 @@ __all__ = [
     "DEFAULT_RING_FEATURES",
     "Device",
     "DeviceHost",
+    "DeviceSpec",
     "WatchCallback",
     "attach",
     "detach",
@@ -98,6 +99,20 @@ WatchCallback = Callable[[int], None]
 _watch_lock = threading.Lock()
 """Orders watch / unwatch against a host arriving or leaving (rare, so one lock for all). Never
 held while waiting for a callback: a callback may watch or unwatch."""
+
+
+class DeviceSpec(NamedTuple):
+    """How a worker process builds its own twin of a device (``worker_mode="process"``).
+
+    ``factory`` names an importable callable as ``"module:qualified.name"``; the worker calls it
+    with ``kwargs`` (JSON values: str, int, float, bool, None, lists and objects of them) and
+    must get a :class:`Device` back, one that serves the same queues the same way (for the block
+    device: the image path, read-only, serial, queue count and size; the worker opens the image
+    itself).
+    """
+
+    factory: str
+    kwargs: dict[str, Any]
 
 
 class DeviceHost(Protocol):
@@ -233,6 +248,18 @@ class Device:
         """The MTU the front-end gives the guest (NET_SET_MTU; offer the MTU protocol feature);
         default: not supported."""
         raise unsupported("NET_SET_MTU")
+
+    def process_spec(self) -> DeviceSpec | None:
+        """How a worker process builds its twin of this device, or None (the default): the
+        device cannot be served with ``worker_mode="process"``.
+
+        In process mode the daemon's instance answers the protocol (config space, status and
+        the hooks) and each worker process serves its queues on a twin built from this spec: the
+        twin gets ``handle_queue`` / ``handle_chain``, its watches, and the ``memory_changed``,
+        ``queue_enabled``, ``status_changed`` and ``on_reset`` hooks too. The two share nothing
+        but what both open (an image file) and guest memory.
+        """
+        return None
 
     def worker_for_queue(self, index: int, workers: int) -> int:
         """The worker thread (``0 .. workers-1``) that serves queue ``index``; default round robin.

@@ -74,6 +74,18 @@ request is long, and gain a little when it is short (the eventfd and epoll syste
 worker overlap the other's bytecode). Hence the default of one worker, and ``--workers N`` for
 block devices on real disks.
 
+Worker processes
+----------------
+``Daemon(..., workers=N, worker_mode="process")`` (``pyvhost serve blk --workers N
+--worker-mode process``) puts the queues on N worker processes instead: see
+:mod:`pyvhost.daemon.procloop`. Each worker is a fresh interpreter that maps guest memory from
+the front-end's fds, owns its queues' eventfds, builds its own twin of the device and runs its
+queues on an ordinary one-worker :class:`EventLoop`, this very code; the daemon keeps the
+connection and asks the worker for every state change (a queue stopped answers with its base).
+Ring work then runs on as many cores as there are workers, which threads cannot give; the cost
+is a process start per worker and front-end and one message round trip per control request,
+none per request. Figures: ``bench/README.md`` (``bench_blk.py --scaling``).
+
 Profiling: ``PYVHOST_PROFILE=/tmp/prof pyvhost serve ...`` runs each worker thread under
 cProfile and writes its stats when the daemon stops (SIGTERM); the connection thread is not
 included.

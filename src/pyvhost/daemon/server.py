@@ -26,6 +26,7 @@ from typing import Any
 from pyvhost.daemon.adapter import DeviceAdapter
 from pyvhost.daemon.device import Device
 from pyvhost.daemon.loop import EventLoop
+from pyvhost.daemon.procloop import WORKER_MODES, ProcessAdapter, ProcessLoop
 from pyvhost.user.backend import BackendHandler
 from pyvhost.user.connection import Connection, Listener, connect
 from pyvhost.user.device import BackendDevice
@@ -49,6 +50,11 @@ class Daemon:
     :class:`~pyvhost.daemon.adapter.DeviceAdapter` (one per connection) on the daemon's event
     loop; any other :class:`pyvhost.user.device.BackendDevice` is handed to the protocol handler
     as it is.
+
+    ``worker_mode="process"`` serves the queues from ``workers`` worker processes instead of
+    threads (:mod:`pyvhost.daemon.procloop`); the device must say how a worker builds its twin
+    (:meth:`Device.process_spec`), or the daemon refuses to start (ValueError) when it is given
+    the device (or its class) and drops each front-end when a factory makes one that cannot.
     """
 
     def __init__(
@@ -58,9 +64,14 @@ class Daemon:
         *,
         client: bool = False,
         workers: int = 1,
+        worker_mode: str = "thread",
         poll_us: int = 0,
         **handler_options: Any,
     ) -> None:
+        if worker_mode not in WORKER_MODES:
+            raise ValueError(f"worker_mode {worker_mode!r} is not one of {', '.join(WORKER_MODES)}")
+        if worker_mode == "process":
+            _check_process_mode(device)
         if isinstance(device, Device | BackendDevice):
             instance = device
             self.device_factory: Callable[[], Device | BackendDevice] = lambda: instance
@@ -71,6 +82,7 @@ class Daemon:
         self.socket_path = os.fspath(socket_path)
         self.client = client
         self.workers = workers
+        self.worker_mode = worker_mode
         self.poll_us = poll_us
         """Busy-poll window of the queue workers after work (see :class:`EventLoop`)."""
         self.handler_options = handler_options
@@ -84,7 +96,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._listener: Listener | None = None
-        self._loop: EventLoop | None = None
+        self._loop: EventLoop | ProcessLoop | None = None
 
     @property
     def name(self) -> str:
@@ -94,7 +106,10 @@ class Daemon:
 
     def serve_forever(self) -> None:
         """Serve front-ends one after the other until :meth:`shutdown`."""
-        self._loop = EventLoop(self.workers, name=f"{self.device_name}", poll_us=self.poll_us)
+        if self.worker_mode == "process":
+            self._loop = ProcessLoop(self.workers, name=self.device_name, poll_us=self.poll_us)
+        else:
+            self._loop = EventLoop(self.workers, name=self.device_name, poll_us=self.poll_us)
         try:
             if self.client:
                 self._client_loop()
@@ -110,12 +125,13 @@ class Daemon:
         self._listener = listener = Listener(self.socket_path)
         try:
             log.info(
-                "%s: listening on %s (%s, %d worker%s)",
+                "%s: listening on %s (%s, %d worker %s)",
                 self.name,
                 self.socket_path,
                 self.device_name,
                 self.workers,
-                "" if self.workers == 1 else "s",
+                {"thread": "thread", "process": "process"}[self.worker_mode]
+                + ("" if self.workers == 1 else "es" if self.worker_mode == "process" else "s"),
             )
             self.ready.set()
             while not self._stopping.is_set():
@@ -163,11 +179,15 @@ class Daemon:
             log.exception("%s: cannot create the device; dropping the front-end", name)
             conn.close()
             return
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         backend: BackendDevice
         if isinstance(device, Device):
             try:
-                backend = DeviceAdapter(device, self._loop)
+                if isinstance(loop, ProcessLoop):
+                    backend = ProcessAdapter(device, loop)
+                else:
+                    backend = DeviceAdapter(device, loop)
             except (ValueError, RuntimeError) as exc:
                 log.error("%s: cannot serve the device: %s; dropping the front-end", name, exc)
                 conn.close()
@@ -176,6 +196,15 @@ class Daemon:
                 log.exception("%s: cannot serve the device; dropping the front-end", name)
                 conn.close()
                 return
+        elif isinstance(loop, ProcessLoop):
+            log.error(
+                "%s: %s is not a pyvhost.daemon.Device: it cannot be served by worker "
+                "processes; dropping the front-end",
+                name,
+                type(device).__name__,
+            )
+            conn.close()
+            return
         else:
             backend = device
         self.device = device
@@ -191,7 +220,7 @@ class Daemon:
                 self._conn = None
             if isinstance(backend, DeviceAdapter):
                 backend.close()
-            self._loop.idle()
+            loop.idle()
 
     def shutdown(self) -> None:
         """Stop: close the current connection, stop accepting; serve_forever then returns."""
@@ -238,6 +267,28 @@ class Daemon:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("%s: daemon thread did not stop within %gs", self.name, timeout)
+
+
+def _check_process_mode(device: object) -> None:
+    """Refuse, at construction, a device (or device class) that worker processes cannot serve."""
+    if isinstance(device, type):
+        if not issubclass(device, Device):
+            raise ValueError(f"{device.__name__} is not a pyvhost.daemon.Device: worker "
+                             "processes cannot serve it")  # fmt: skip
+        if device.process_spec is Device.process_spec:
+            raise ValueError(f"{device.__name__} does not support worker processes (no "
+                             "process_spec()): use worker_mode='thread'")  # fmt: skip
+        return
+    if isinstance(device, BackendDevice) and not isinstance(device, Device):
+        raise ValueError(
+            f"{type(device).__name__} is not a pyvhost.daemon.Device: worker processes cannot "
+            "serve it"
+        )
+    if isinstance(device, Device) and device.process_spec() is None:
+        raise ValueError(
+            f"{type(device).__name__} does not support worker processes (its process_spec() "
+            "is None): use worker_mode='thread'"
+        )
 
 
 def _wake(conn: Connection) -> None:

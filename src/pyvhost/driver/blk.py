@@ -40,6 +40,10 @@ _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEGMENT_F_UNMAP = 1
 
 
+_ZEROS = bytes(1 << 20)
+"""Read buffers up to this size are cleared from here before they are submitted."""
+
+
 class RequestType:
     """virtio-blk request types (VIRTIO_BLK_T_*)."""
 
@@ -245,6 +249,11 @@ class BlkDriver:
             elif read_len:
                 length = read_len
                 data_gpa = session.alloc(length)
+                # A recycled buffer may still hold what a write of the same block carried:
+                # cleared, a read the back-end did not do cannot look right.
+                session.view(data_gpa, length)[:] = (
+                    _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+                )
                 writable += self._data_pieces(data_gpa, length)
             writable.append((ctl + _HEADER.size, 1))
             token = session.submit(queue, readable, writable)

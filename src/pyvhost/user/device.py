@@ -29,6 +29,7 @@ from pyvhost.virtio.features import F_VERSION_1
 
 if TYPE_CHECKING:
     from pyvhost.user.channel import Channel
+    from pyvhost.virtio.inflight import InflightRegion
     from pyvhost.virtio.memory import DirtyLog, GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
@@ -196,6 +197,10 @@ class BackendDevice(abc.ABC):
     status: int = 0
     """Last device status written (set by the default ``set_status``)."""
 
+    needs_memory_fds: bool = False
+    """True: the handler keeps a duplicate of every guest-memory and dirty-log fd
+    (``Region.fd``, ``DirtyLog.fd``) for the device to hand on (worker processes)."""
+
     # -- configuration ------------------------------------------------------------------------
 
     def get_config(self, offset: int, size: int) -> bytes:
@@ -243,6 +248,13 @@ class BackendDevice(abc.ABC):
 
         The handler's rings and chains log by themselves; a device that writes guest memory by
         other means (the kernel's vhost) must hand the log on.
+        """
+
+    def inflight_changed(self, region: InflightRegion | None) -> None:  # noqa: B027
+        """The inflight region changed (GET_INFLIGHT_FD / SET_INFLIGHT_FD; no ring is started).
+
+        The handler's rings track inflight I/O by themselves; a device that runs rings
+        elsewhere (worker processes) must hand the region (``region.fd``) on.
         """
 
     def queue_enabled(self, index: int, enabled: bool) -> None:  # noqa: B027 (optional hook)

@@ -570,9 +570,11 @@ class InflightRegion(Closing):
         num_queues: int,
         queue_size: int,
         packed: bool,
+        mmap_offset: int = 0,
     ) -> None:
         self.fd = fd
         self.mmap_size = mmap_size
+        self.mmap_offset = mmap_offset
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.packed = packed
@@ -659,6 +661,7 @@ class InflightRegion(Closing):
             num_queues=num_queues,
             queue_size=queue_size,
             packed=packed,
+            mmap_offset=mmap_offset,
         )
         try:
             for i in range(num_queues):

@@ -320,8 +320,11 @@ class Region:
         userspace_addr: int,
         *,
         require_sealed: bool | None = None,
+        keep_fd: bool = False,
     ) -> Region:
-        """Map a region from ``fd``; the fd is not kept (the caller may close it).
+        """Map a region from ``fd``; the fd is not kept (the caller may close it) unless
+        ``keep_fd``: then the region owns a duplicate as :attr:`fd` (to hand the memory on to a
+        worker process), closed with the region.
 
         A file smaller than ``mmap_offset + size`` is refused; one not sealed against shrinking
         is refused with ``require_sealed`` (None: the process default, see
@@ -334,7 +337,8 @@ class Region:
         _check_range(f"{what} userspace_addr", userspace_addr, size)
         mm, slack = _map_shared(fd, mmap_offset, size, what, require_sealed)
         view = memoryview(mm)[slack : slack + size]
-        return cls(guest_phys_addr, size, userspace_addr, mmap_offset, view, None, mm)
+        owned = os.dup(fd) if keep_fd else None
+        return cls(guest_phys_addr, size, userspace_addr, mmap_offset, view, owned, mm)
 
     def close(self) -> None:
         """Unmap the region (deferred while memoryviews into it are alive); close an owned fd."""
@@ -396,10 +400,12 @@ class DirtyLog:
         *,
         atomic_impl: str | None = None,
         require_sealed: bool | None = None,
+        keep_fd: bool = False,
     ) -> None:
         """Map ``size`` bytes of ``fd`` at ``offset`` (checked as :meth:`Region.map` does;
         ``require_sealed`` None means the process default, see
-        :func:`set_require_sealed_default`)."""
+        :func:`set_require_sealed_default`). ``keep_fd``: keep a duplicate of ``fd`` as
+        :attr:`fd` (closed with the log) to hand the log on to a worker process."""
         impl = atomic.default_impl() if atomic_impl is None else atomic_impl
         or_byte = atomic.or_byte(impl)
         if or_byte is None and impl != atomic.LOCKED:
@@ -410,6 +416,9 @@ class DirtyLog:
         self._mm: mmap.mmap | None = mm
         self._view = memoryview(mm)[slack : slack + size]
         self.size = size
+        self.offset = offset
+        self.fd: int | None = os.dup(fd) if keep_fd else None
+        """A duplicate of the log's fd (with ``keep_fd``), else None."""
         self.atomic_impl = impl
         """How bits are set: ``libatomic``, ``x86-64-stub`` or ``locked``."""
         self._or = or_byte
@@ -519,6 +528,9 @@ class DirtyLog:
             self._mm = None
             self._bytes = None
             _release_mapping(mm, self._view, "dirty log")
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     @classmethod
     def anonymous(cls, size: int, *, atomic_impl: str | None = None) -> tuple[DirtyLog, int]:
@@ -540,12 +552,19 @@ class GuestMemory(Closing):
     """
 
     def __init__(
-        self, regions: Iterable[RegionSpec] = (), *, require_sealed: bool | None = None
+        self,
+        regions: Iterable[RegionSpec] = (),
+        *,
+        require_sealed: bool | None = None,
+        keep_fds: bool = False,
     ) -> None:
         """``require_sealed``: refuse region fds not sealed against shrinking (F_SEAL_SHRINK)
         instead of warning; None means the process default (:func:`set_require_sealed_default`).
+        ``keep_fds``: each region keeps a duplicate of its fd (``Region.fd``) so that the memory
+        can be mapped again elsewhere (the daemon's worker processes).
         """
         self.require_sealed = _require_sealed_default if require_sealed is None else require_sealed
+        self.keep_fds = keep_fds
         # Each table is one tuple, swapped with one store, so a reader on another thread never
         # pairs the starts of one table with the regions of another.
         self._regions: tuple[Region, ...] = ()
@@ -586,6 +605,8 @@ class GuestMemory(Closing):
         except BaseException:
             os.close(fd)
             raise
+        if region.fd is not None:  # keep_fds made a duplicate: the memfd itself is enough
+            os.close(region.fd)
         region.fd = fd
         return region
 
@@ -649,6 +670,7 @@ class GuestMemory(Closing):
                 guest_phys_addr,
                 userspace_addr,
                 require_sealed=self.require_sealed,
+                keep_fd=self.keep_fds,
             )
             self._install((*self._regions, region))
         return region
@@ -684,7 +706,9 @@ class GuestMemory(Closing):
         mapped: list[Region] = []
         try:
             for spec in wanted:
-                mapped.append(Region.map(*spec, require_sealed=self.require_sealed))
+                mapped.append(
+                    Region.map(*spec, require_sealed=self.require_sealed, keep_fd=self.keep_fds)
+                )
         except BaseException:
             for region in mapped:
                 region.close()

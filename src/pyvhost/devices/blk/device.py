@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from pyvhost.daemon.device import BATCH, DEFAULT_RING_FEATURES, Device
+from pyvhost.daemon.device import BATCH, DEFAULT_RING_FEATURES, Device, DeviceSpec
+from pyvhost.devices.blk.config import BlkLimits
 from pyvhost.devices.blk.request import BlkBackend
 from pyvhost.virtio import features as vf
 from pyvhost.virtio.chain import DescriptorChain
@@ -56,6 +58,45 @@ class BlkDevice(Device):
         except BaseException:
             backend.close()
             raise
+
+    @classmethod
+    def from_spec(
+        cls,
+        *,
+        image: str,
+        readonly: bool,
+        serial_hex: str,
+        queues: int,
+        queue_size: int,
+        limits: dict[str, int],
+    ) -> BlkDevice:
+        """The twin a worker process builds from :meth:`process_spec` (it opens the image)."""
+        backend = BlkBackend.open(
+            image, readonly=readonly, serial=bytes.fromhex(serial_hex), limits=BlkLimits(**limits)
+        )
+        try:
+            return cls(backend, num_queues=queues, queue_size=queue_size)
+        except BaseException:
+            backend.close()
+            raise
+
+    def process_spec(self) -> DeviceSpec | None:
+        """Worker processes can serve this device when its backend was opened from a path."""
+        backend = self.backend
+        if backend.path is None or type(self).handle_chain is not BlkDevice.handle_chain:
+            return None
+        cls = type(self)
+        return DeviceSpec(
+            f"{cls.__module__}:{cls.__qualname__}.from_spec",
+            {
+                "image": backend.path,
+                "readonly": backend.readonly,
+                "serial_hex": backend.serial.hex(),
+                "queues": self.num_queues,
+                "queue_size": self.queue_size,
+                "limits": dataclasses.asdict(backend.limits),
+            },
+        )
 
     def config_bytes(self) -> bytes:
         return self._config

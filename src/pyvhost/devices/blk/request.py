@@ -228,6 +228,8 @@ class BlkBackend(Closing):
         self.block_device = block_device
         self.limits = limits
         self.name = name
+        self.path: str | None = None
+        """The absolute path :meth:`open` opened (a worker process opens it again), else None."""
         self._ratelimit = _RateLimiter()
         self._handlers: dict[int, Callable[[DescriptorChain, int], int]] = {
             VIRTIO_BLK_T_IN: self._do_in,
@@ -256,7 +258,7 @@ class BlkBackend(Closing):
             if not (block_device or stat.S_ISREG(st.st_mode)):
                 raise ValueError(f"{os.fspath(path)}: not a regular file or a block device")
             size = os.lseek(fd, 0, os.SEEK_END) if block_device else st.st_size
-            return cls(
+            backend = cls(
                 fd,
                 size - size % SECTOR_SIZE,
                 readonly=readonly,
@@ -265,6 +267,8 @@ class BlkBackend(Closing):
                 limits=limits,
                 name=os.path.basename(os.fspath(path)),
             )
+            backend.path = os.path.abspath(path)
+            return backend
         except BaseException:
             os.close(fd)
             raise

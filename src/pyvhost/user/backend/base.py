@@ -92,7 +92,7 @@ class HandlerCore:
         self.name = name
         self.max_mem_slots = max_mem_slots
         self.trace = trace
-        self.mem = GuestMemory()
+        self.mem = GuestMemory(keep_fds=bool(device.needs_memory_fds))
         self.repeated_regions: dict[tuple[int, int, int], int] = {}
         """ADD_MEM_REG of a region already mapped, counted by (gpa, size, userspace address):
         QEMU 7.2 sends its memory once per vhost device, and a multiqueue net device has one

@@ -166,7 +166,7 @@ class MemoryRequests(VringRequests):
         area = msg.payload_as(Log)
         fd = self._take_fd(msg)
         try:
-            new_log = DirtyLog(fd, area.size, area.offset)
+            new_log = DirtyLog(fd, area.size, area.offset, keep_fd=self.mem.keep_fds)
         finally:
             os.close(fd)
         old, self._dirty_log = self._dirty_log, new_log

@@ -326,8 +326,11 @@ class VringRequests(HandlerCore):
             region.close()
             raise ProtocolError("inflight region changed while rings are started")
         old, self.inflight = self.inflight, region
-        if old is not None:
-            old.close()
+        try:
+            self.device.inflight_changed(region)
+        finally:
+            if old is not None:
+                old.close()
         log.info(
             "%s: inflight region: %d queues of %d", self.name, region.num_queues, region.queue_size
         )

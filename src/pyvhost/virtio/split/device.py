@@ -144,6 +144,11 @@ class SplitQueue(RingQueue):
         return self._used_idx
 
     @property
+    def used_log_gpa(self) -> int:
+        """Where the dirty log marks used-ring writes (the front-end's ``log_guest_addr``)."""
+        return self._used_log_gpa
+
+    @property
     def inflight(self) -> SplitInflightHooks | None:
         """The inflight-tracking hooks this queue reports to, if any."""
         return self._inflight
