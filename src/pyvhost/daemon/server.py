@@ -237,9 +237,19 @@ class Daemon:
         return self._stopping.is_set()
 
     def run(self) -> None:
-        """serve_forever with SIGTERM / SIGINT handlers installed (main thread only)."""
+        """serve_forever with SIGTERM / SIGINT handlers installed (main thread only).
+
+        The previous handlers come back when the daemon stops on its own; after a stop by signal
+        ours stay, so that a repeat of the signal (``timeout`` sends SIGTERM to its child and
+        then to the whole process group) cannot kill the process while it exits cleanly.
+        """
+        signalled: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
+            if signalled:
+                log.debug("%s: %s again while stopping", self.name, signal.Signals(signum).name)
+                return
+            signalled.append(signum)
             log.info("%s: %s received", self.name, signal.Signals(signum).name)
             self.shutdown()
 
@@ -247,8 +257,9 @@ class Daemon:
         try:
             self.serve_forever()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if not signalled:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     @contextlib.contextmanager
     def run_in_thread(self, timeout: float = 10.0) -> Iterator[Daemon]:
