@@ -46,7 +46,8 @@ from typing import Any
 CASES = [(4096, 1), (4096, 32), (65536, 1), (65536, 32)]
 PEER_TIMEOUT = 900
 OURS = ("pyvhost", "pyvhost-poll")
-"""``serve blk`` as it starts by default, and with ``--poll-us`` (busy polling after work)."""
+"""``serve blk`` without busy polling (``--poll-us 0``) and with it (``--poll-us``, its default
+50 us unless the bench is told otherwise)."""
 PEERS = ("qsd", "qsd-uring")
 """qemu-storage-daemon with its default thread pool, and with ``aio=io_uring`` (its fastest)."""
 RATIOS = (("pyvhost", "qsd"), ("pyvhost", "qsd-uring"), ("pyvhost-poll", "qsd-uring"))
@@ -157,8 +158,7 @@ def backends(
         if name in OURS:
             argv = [sys.executable, "-m", "pyvhost", "serve", "blk", "--quiet"]
             argv += ["--socket", str(sock), "--image", str(image), "--workers", str(workers)]
-            if name == "pyvhost-poll":
-                argv += ["--poll-us", str(poll_us)]
+            argv += ["--poll-us", str(poll_us if name == "pyvhost-poll" else 0)]
         else:
             qsd = shutil.which("qemu-storage-daemon")
             if qsd is None:
