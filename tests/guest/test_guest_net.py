@@ -3,7 +3,8 @@ net`` (``vectors=0``: QEMU 7.2 crashes with MSI-X here, see GUEST.md).
 
 - TAP: the back-end and a peer run in a network namespace of their own (``unshare -n``); the
   guest pings the TAP's IPv6 link-local address and the peer pings the guest's, so neighbour
-  discovery and echoes cross the device both ways; one and two queue pairs, split and packed.
+  discovery and echoes cross the device both ways; one and two queue pairs (with two, the
+  guest's ping runs on CPU 1 and pair 1 carries its echoes both ways), split and packed.
 - loopback: the guest pings the all-nodes group on eth0; each echo request comes back through
   the device, so the guest's stack takes every one twice (its own multicast loop, and the wire):
   ICMPv6 InEchos is twice OutEchos, and eth0 received exactly the frames it sent.
@@ -105,9 +106,13 @@ def test_guest_and_host_ping_through_a_tap(
     try:
         guest_vm.cpus = queues  # Linux uses as many pairs as it has CPUs
         guest_vm.add_vhost_user_net(sock, queues=queues, packed=packed, mac=GUEST_MAC)
+        # Two pairs: pinned to CPU 1, the ping leaves by tx-1 (the driver's XPS maps CPU i to
+        # queue i), and the multiqueue TAP steers the replies of that flow back to the TAP queue
+        # it came in on, so pair 1 carries traffic both ways.
+        pin = "taskset 2 " if queues > 1 else ""
         script = (
             UP
-            + f"""ping -6 -c 3 -w 20 {HOST_LL}%eth0
+            + f"""{pin}ping -6 -c 3 -w 20 {HOST_LL}%eth0
 i=0
 until awk '$1 == "Icmp6InEchos" && $2 >= 3 {{ok = 1}} END {{exit !ok}}' /proc/net/snmp6; do
     i=$((i + 1)); [ $i -lt 150 ] || exit 4
@@ -134,6 +139,9 @@ sleep 1
     assert int(stats.group(1)) >= 6 and int(stats.group(2)) >= 6
     if queues > 1:
         assert "vring 3 started" in log
+        pair1 = re.search(r"tap \S+ at exit: .*\[1\] tx (\d+) rx (\d+)", log)
+        assert pair1 is not None, log[-3000:]
+        assert int(pair1.group(1)) >= 3 and int(pair1.group(2)) >= 3, pair1.group(0)
     features = re.search(r"net: features (0x[0-9a-f]+):", log)
     assert features is not None
     assert int(features.group(1), 16) >> 34 & 1 == packed  # VIRTIO_F_RING_PACKED
