@@ -4,7 +4,8 @@ VIRTIO_NET_OK or VIRTIO_NET_ERR in the chain's first writable byte.
 A command is ``class, command, data`` in the readable part. Each (class, command) has a handler
 in :data:`HANDLERS` with the feature it needs; a command whose feature was not negotiated, an
 unknown class or command, or data of the wrong length is answered ERR and logged with the
-reason. The effects (MAC, receive modes, queue pairs, offloads) go to a :class:`CtrlTarget`.
+reason. The effects (MAC, receive modes, queue pairs, offloads) go to a :class:`CtrlTarget`;
+receive modes and MAC tables become the filter of frames from the host (:func:`rx_filter`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "CtrlTarget",
     "RxModes",
     "run_command",
+    "rx_filter",
     "serve_ctrl",
 ]
 
@@ -84,14 +86,53 @@ class CtrlCommandError(Exception):
     """A command the device refuses (answered VIRTIO_NET_ERR); the message says why."""
 
 
+def _initial_modes() -> dict[str, bool]:
+    """Promiscuous until the driver says otherwise (as QEMU's own device: a driver that never
+    sends RX commands still gets every frame), everything else off."""
+    modes = dict.fromkeys(RX_MODES, False)
+    modes["promisc"] = True
+    return modes
+
+
 @dataclass
 class RxModes:
-    """Receive modes and MAC filter tables the driver set (recorded and acked; the device
-    delivers every frame, as a promiscuous device may)."""
+    """Receive modes and MAC filter tables the driver set; :func:`rx_filter` turns them into the
+    test frames from the host pass before they reach a receive buffer."""
 
-    modes: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(RX_MODES, False))
+    modes: dict[str, bool] = field(default_factory=_initial_modes)
     unicast: list[bytes] = field(default_factory=list)
     multicast: list[bytes] = field(default_factory=list)
+    generation: int = 0
+    """Bumped by every change, so a cached filter knows it is stale."""
+
+
+BROADCAST = b"\xff" * 6
+
+
+def rx_filter(modes: RxModes, mac: bytes) -> Callable[[bytes], bool] | None:
+    """The test a destination MAC must pass to be delivered, or None when every frame is
+    (promiscuous). The order is the spec's and QEMU's: broadcast (unless NOBCAST), then
+    multicast (NOMULTI, ALLMULTI, the multicast table), then unicast (NOUNI, ALLUNI, the
+    device's own MAC, the unicast table)."""
+    m = modes.modes
+    if m["promisc"]:
+        return None
+    broadcast = not m["nobcast"]
+    all_multi = m["allmulti"] and not m["nomulti"]
+    multi = frozenset() if m["nomulti"] else frozenset(modes.multicast)
+    all_uni = m["alluni"] and not m["nouni"]
+    uni = frozenset() if m["nouni"] else frozenset([mac, *modes.unicast])
+
+    def accepts(dest: bytes) -> bool:
+        if len(dest) != 6:
+            return False
+        if dest[0] & 1:
+            if dest == BROADCAST:
+                return broadcast
+            return all_multi or dest in multi
+        return all_uni or dest in uni
+
+    return accepts
 
 
 class CtrlTarget(Protocol):
@@ -123,6 +164,7 @@ def _exact(data: bytes, size: int, what: str) -> bytes:
 def _rx_mode(target: CtrlTarget, cmd: int, data: bytes) -> None:
     name = RX_MODES[cmd]
     target.rx_modes.modes[name] = bool(_exact(data, 1, f"RX {name}")[0])
+    target.rx_modes.generation += 1
 
 
 def _mac_table(data: bytes, at: int, which: str) -> tuple[list[bytes], int]:
@@ -144,6 +186,7 @@ def _mac_table_set(target: CtrlTarget, cmd: int, data: bytes) -> None:
     if end != len(data):
         raise CtrlCommandError(f"MAC_TABLE_SET: {len(data) - end} bytes after the tables")
     target.rx_modes.unicast, target.rx_modes.multicast = unicast, multicast
+    target.rx_modes.generation += 1
 
 
 def _mac_addr_set(target: CtrlTarget, cmd: int, data: bytes) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from collections.abc import Callable
 
 from pyvhost.daemon.device import DEFAULT_RING_FEATURES, Device
 from pyvhost.devices.net.backends import NetBackend, tun_offloads
@@ -30,6 +31,7 @@ from pyvhost.devices.net.ctrl import (
     GUEST_OFFLOAD_FEATURES,
     CtrlCommandError,
     RxModes,
+    rx_filter,
     serve_ctrl,
 )
 from pyvhost.devices.net.rarp import rarp_frame
@@ -88,6 +90,8 @@ class NetDevice(Device):
             for p in range(pairs)
         ]
         self.rx_modes = RxModes()
+        self._filter: Callable[[bytes], bool] | None = None
+        self._filter_key: tuple[RxModes, int, bytes] | None = None
         self._lock = threading.Lock()
         self._applied: int | None = None
         self._hdr_size = 12
@@ -188,6 +192,8 @@ class NetDevice(Device):
         """A TAP queue is readable: up to :data:`RX_BUDGET` packets into its pair's backlog."""
         pair = self._fd_pair[fd]
         rx = self.rx[pair]
+        accepts = self._current_filter()
+        hdr = self._hdr_size
         got = 0
         for _ in range(RX_BUDGET):
             try:
@@ -198,10 +204,22 @@ class NetDevice(Device):
                 raise
             if packet is None:
                 break
+            if accepts is not None and not accepts(packet[hdr : hdr + 6]):
+                rx.stats.drop("rx_filtered")
+                continue
             rx.enqueue(packet)
             got += 1
         if got:
             self.schedule(2 * pair)
+
+    def _current_filter(self) -> Callable[[bytes], bool] | None:
+        """The receive filter for the modes, tables and MAC in force, rebuilt when one changed."""
+        modes, mac = self.rx_modes, self.config.mac
+        key = self._filter_key
+        if key is None or key[0] is not modes or key[1] != modes.generation or key[2] != mac:
+            self._filter = rx_filter(modes, mac)
+            self._filter_key = (modes, modes.generation, mac)
+        return self._filter
 
     def _sync_attached(self) -> None:
         """Multiqueue TAP: queue ``p`` takes frames only while pair ``p`` is in use and its
