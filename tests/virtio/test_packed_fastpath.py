@@ -255,8 +255,8 @@ def test_pop_batch_matches_pop(  # noqa: PLR0917 (hypothesis draws each argument
     assert results[0] == results[1]
 
 
-_GOOD = ("direct", [(DATA, 8, False)], 0)
-_CASES = {
+_GOOD: tuple[Any, ...] = ("direct", [(DATA, 8, False)], 0)
+_CASES: dict[str, list[tuple[Any, ...]]] = {
     "long chain": [("direct", [(DATA, 8, False)] * 3, 1)],
     "readable after writable": [("direct", [(DATA, 8, True), (DATA, 8, False)], 1)],
     "empty readable after writable": [("direct", [(DATA, 8, True), (DATA, 0, False)], 1)],
