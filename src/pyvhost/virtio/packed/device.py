@@ -341,6 +341,9 @@ class PackedQueue(RingQueue):
         ``tests/virtio/test_packed_fastpath.py`` holds it to :meth:`pop`'s results.
         """
         base = table[0][0]
+        # flag bits as locals: a module global costs a dictionary-backed load per use
+        both, link, indirect_flag = BOTH, DESC_F_NEXT | DESC_F_INDIRECT, DESC_F_INDIRECT
+        next_flag, write_flag, u32_limit = DESC_F_NEXT, DESC_F_WRITE, U32_LIMIT
         extent = table[1][0]
         view = table[2][0]
         size = self.size
@@ -372,10 +375,10 @@ class PackedQueue(RingQueue):
                 status = 0  # 0 chunk used up, 1 stop, 2 chain runs past the chunk, 3 slow path
                 while j < clen:
                     f = flagss[j]
-                    if (f & BOTH) != expect:
+                    if (f & both) != expect:
                         status = 1
                         break
-                    if not f & (DESC_F_NEXT | DESC_F_INDIRECT):  # one descriptor
+                    if not f & link:  # one descriptor
                         length = lens[j]
                         addr = addrs[j]
                         buf_id = ids[j]
@@ -391,7 +394,7 @@ class PackedQueue(RingQueue):
                             break
                         c = new(cls)
                         c.head = buf_id
-                        if f & DESC_F_WRITE:
+                        if f & write_flag:
                             gpas = [(addr, length)]
                             c.readable = empty
                             c.writable = [view[off : off + length]]
@@ -422,12 +425,12 @@ class PackedQueue(RingQueue):
                     writable: list[memoryview] = []
                     gpas = []
                     read_len = write_len = 0
-                    if not f & DESC_F_INDIRECT:  # direct descriptors linked by NEXT
+                    if not f & indirect_flag:  # direct descriptors linked by NEXT
                         seen_write = False
                         k = j
                         while True:
                             length = lens[k]
-                            if f & DESC_F_WRITE:
+                            if f & write_flag:
                                 seen_write = True
                                 if length:
                                     addr = addrs[k]
@@ -449,7 +452,7 @@ class PackedQueue(RingQueue):
                                 readable.append(view[off : off + length])
                                 read_len += length
                             k += 1
-                            if not f & DESC_F_NEXT:
+                            if not f & next_flag:
                                 break
                             if k - j >= max_chain:
                                 status = 3
@@ -458,7 +461,7 @@ class PackedQueue(RingQueue):
                                 status = 2 if pos + clen < size else 3
                                 break
                             f = flagss[k]
-                            if (f & BOTH) != expect or f & DESC_F_INDIRECT:
+                            if (f & both) != expect or f & indirect_flag:
                                 status = 3
                                 break
                         if status:
@@ -470,7 +473,7 @@ class PackedQueue(RingQueue):
                         off = addrs[j] - base
                         buf_id = ids[j]
                         if (
-                            f & DESC_F_NEXT
+                            f & next_flag
                             or not length
                             or length & 15
                             or length > indirect_limit
@@ -481,10 +484,10 @@ class PackedQueue(RingQueue):
                             break
                         seen_write = False
                         for addr, piece, _, flags in unpack_table(view[off : off + length]):
-                            if flags & DESC_F_INDIRECT:
+                            if flags & indirect_flag:
                                 status = 3
                                 break
-                            if flags & DESC_F_WRITE:
+                            if flags & write_flag:
                                 seen_write = True
                                 if piece:
                                     off = addr - base
@@ -508,7 +511,7 @@ class PackedQueue(RingQueue):
                             break
                         k = j + 1
                         count = 1
-                    if buf_id >= size or buf_id in outstanding or read_len + write_len > U32_LIMIT:
+                    if buf_id >= size or buf_id in outstanding or read_len + write_len > u32_limit:
                         status = 3
                         break
                     c = new(cls)
