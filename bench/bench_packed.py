@@ -1,8 +1,9 @@
 """Packed virtqueue throughput: device-side pop+push and driver-side add/publish/collect, chains/s.
 
-Run: ``python bench/bench_packed.py``. The split ring does the same work in the same run as the
-reference; the last column is packed / split. Times are CPU time of this process
-(``time.process_time``), so other load on the machine disturbs them less; best of 3.
+Run: ``python bench/bench_packed.py``. Chains of 1 and 4 descriptors, and of one indirect table
+of 4. The split ring does the same work in the same run as the reference; the last column is
+packed / split. Times are CPU time of this process (``time.process_time``), so other load on the
+machine disturbs them less; best of 3.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pyvhost.virtio.split import SplitDriver, SplitQueue, split_layout
 SIZE = 256
 RING = 0x1000
 DATA = 0x100000
+TABLES = 0x200000
 ROUNDS = 120
 BATCH = 32
 
@@ -34,19 +36,24 @@ def make(kind: str, mem: GuestMemory) -> tuple[Driver, Device]:
     return SplitDriver(mem, SIZE, *lay3), SplitQueue(mem, SIZE, *lay3)
 
 
-def fill(drv: Driver, descs: int) -> int:
-    """Make as many chains of ``descs`` descriptors available as fit; return how many."""
+def fill(drv: Driver, descs: int | str) -> int:
+    """Make as many chains of ``descs`` descriptors available as fit; return how many.
+
+    ``"indirect"``: four descriptors in an indirect table, one ring descriptor each.
+    """
+    indirect = descs == "indirect"
+    count = 4 if indirect else int(descs)
     n = 0
-    readable = [(DATA + 512 * k, 64) for k in range(descs - 1)]
+    readable = [(DATA + 512 * k, 64) for k in range(count - 1)]
     writable = [(DATA + 0x10000, 64)]
-    while drv.num_free >= descs:
-        drv.add(readable, writable)
+    while drv.num_free >= (1 if indirect else count):
+        drv.add(readable, writable, indirect_gpa=TABLES + 0x100 * n if indirect else None)
         n += 1
     drv.publish()
     return n
 
 
-def device_rate(kind: str, descs: int, batch: bool) -> float:
+def device_rate(kind: str, descs: int | str, batch: bool) -> float:
     """Chains per second for the device taking and returning chains (driver time excluded)."""
     with GuestMemory.anonymous(4 << 20) as mem:
         drv, dev = make(kind, mem)
@@ -71,7 +78,7 @@ def device_rate(kind: str, descs: int, batch: bool) -> float:
     return done / spent
 
 
-def driver_rate(kind: str, descs: int) -> float:
+def driver_rate(kind: str, descs: int | str) -> float:
     """Chains per second for the driver adding, publishing and collecting (device excluded)."""
     with GuestMemory.anonymous(4 << 20) as mem:
         drv, dev = make(kind, mem)
@@ -102,7 +109,7 @@ def main() -> None:
     print(f"queue size {SIZE}, {ROUNDS} fills of the ring, batch {BATCH}")
     print(f"{'case':<34}{'packed chains/s':>16}{'split chains/s':>16}{'ratio':>8}")
     cases: list[tuple[str, Callable[[str], float]]] = []
-    for descs in (1, 4):
+    for descs in (1, 4, "indirect"):
         cases.append(
             (f"device pop+push, {descs} desc", partial(device_rate, descs=descs, batch=False))
         )

@@ -7,6 +7,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ RING = 0x1000
 DATA = 0x10000
 NEXT, WRITE, INDIRECT = DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT
 _DESC = struct.Struct("<QIHH")
+FLAGS_WORD = 7  # a descriptor's flags in the ring as u16 words
 
 
 @dataclass
@@ -209,7 +211,8 @@ def test_chain_crossing_the_end_of_the_ring(rig: Rig) -> None:
 
 
 class _FlagRecorder:
-    """Stands in for the queue's u16 ring view and records the order of flags stores."""
+    """Stands in for the queue's u16 ring view and records the order of flags stores (by ring
+    position; a strided slice store records each flags word it covers, in order)."""
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
@@ -219,8 +222,9 @@ class _FlagRecorder:
         value: int = self.view[i]
         return value
 
-    def __setitem__(self, i: int, value: int) -> None:
-        self.stores.append(i // 8)
+    def __setitem__(self, i: int | slice, value: Any) -> None:
+        indices = range(*i.indices(len(self.view))) if isinstance(i, slice) else [i]
+        self.stores.extend(k // 8 for k in indices if k % 8 == FLAGS_WORD)
         self.view[i] = value
 
 

@@ -22,7 +22,9 @@ zero-length indirect table is rejected.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from operator import itemgetter
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
@@ -63,6 +65,19 @@ from pyvhost.virtio.ring import (
 __all__ = ["PackedQueue"]
 
 _new = object.__new__
+
+_Columns = tuple[list[int], list[int], list[int], list[int]]
+_ONE_READ: tuple[int, list[tuple[int, int]]] = (1, EMPTY)
+"""What a one-descriptor, device-readable chain leaves in flight (one shared tuple)."""
+_count_of = itemgetter(0)
+
+
+def _used_flags(written: tuple[int, ...], flags: int, nothing: bool) -> array[int]:
+    """Flags words of used descriptors with these written lengths: ``flags``, plus WRITE where
+    something was written (``nothing``: no length is nonzero)."""
+    if nothing:
+        return array("H", [flags]) * len(written)
+    return array("H", [flags | DESC_F_WRITE if w else flags for w in written])
 
 
 class PackedQueue(RingQueue):
@@ -110,22 +125,23 @@ class PackedQueue(RingQueue):
         )
         self._ring = ring_view(mem, "descriptor ring", desc_gpa, DESC_SIZE * size, 16)
         self._ring16 = self._ring.cast("H")
-        self._driver_event = ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
-        self._driver_event32 = self._driver_event.cast("I")
+        self._ring32 = self._ring.cast("I")
+        self._ring64 = self._ring.cast("Q")
+        driver_event = ring_view(mem, "driver area", driver_event_gpa, EVENT_SIZE, 4)
+        self._driver_event32 = driver_event.cast("I")
         device_event = ring_view(mem, "device area", device_event_gpa, EVENT_SIZE, 4)
         self._device_event16 = device_event.cast("H")
         self._device_event32 = device_event.cast("I")
-        self._device_event_gpa = device_event_gpa
         self._avail = last_avail_idx
         self._avail_wrap = bool(avail_wrap)
         self._used = used_idx
         self._used_wrap = bool(used_wrap)
         self._log_used = log_used
-        self._desc_gpa = desc_gpa
         self._inflight = inflight
         # buffer id -> (ring descriptors it occupies, writable (gpa, len) pieces)
         self._outstanding: dict[int, tuple[int, list[tuple[int, int]]]] = {}
         self._notify_enabled = True
+        self._per_chain = 1  # ring descriptors per chain lately: how far pop_batch reads ahead
         self._used_since_signal = 0
         self._signalled_valid = False
         self._recover_pending = inflight is not None and inflight.begin(used_idx, bool(used_wrap))
@@ -134,9 +150,10 @@ class PackedQueue(RingQueue):
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
         self._release(
             self._ring16,
+            self._ring32,
+            self._ring64,
             self._ring,
             self._driver_event32,
-            self._driver_event,
             self._device_event16,
             self._device_event32,
         )
@@ -263,100 +280,282 @@ class PackedQueue(RingQueue):
                 raise
         return out
 
-    def pop_batch(  # noqa: C901, PLR0912, PLR0915  (inlined hot path; see docstring)
-        self, max_n: int
-    ) -> list[DescriptorChain]:
+    def pop_batch(self, max_n: int) -> list[DescriptorChain]:
         """Up to ``max_n`` available chains.
 
-        One-descriptor chains inside a one-region memory are built inline (a bare instance, the
-        shared :data:`EMPTY` list for the absent side), as the split ring does; any other shape
-        goes through :meth:`pop`, which validates it in full.
-
-        Chains taken before a malformed one are returned (they are in flight and must be
-        completed); the queue is then broken and the next pop raises the error. The
-        one-descriptor chain is built inline on purpose (a helper call per chain costs more than
-        the rest of it); ``tests/virtio/test_packed_fastpath.py`` holds it to :meth:`pop`'s.
+        Inside a one-region memory the chains are built by :meth:`_pop_one_region` (descriptors
+        read as columns, no call per chain); otherwise, and for anything unusual, through
+        :meth:`pop`, which validates in full. Chains taken before a malformed one are returned
+        (they are in flight and must be completed); the queue is then broken and the next pop
+        raises the error.
         """
         self._check_broken()
-        starts, sizes, views = self._mem.fast_table()
-        if len(starts) != 1:
+        table = self._mem.fast_table()
+        if len(table[0]) != 1:
             return self._pop_each(max_n)
         out: list[DescriptorChain] = []
-        base, extent, view = starts[0], sizes[0], views[0]
-        ring = self._ring
-        ring16 = self._ring16
-        unpack = DESC.unpack_from
-        outstanding = self._outstanding
-        inflight = self._inflight
-        size = self.size
-        new = _new
-        cls = DescriptorChain
-        empty = EMPTY
-        append = out.append
-        pos = self._avail
-        wrap = self._avail_wrap
-        taken = 0
+        if max_n <= 0:
+            return out
         try:
-            while len(out) < max_n:
-                first = ring16[(pos << 3) + FLAGS]
-                if (first & BOTH) != (DESC_F_AVAIL if wrap else DESC_F_USED):
-                    break
-                simple = not first & (DESC_F_NEXT | DESC_F_INDIRECT)
-                if simple:  # one descriptor: read it; a longer chain is left to pop()
-                    if RW_BARRIERS_NEEDED:
-                        read_barrier()
-                    desc = unpack(ring, pos << 4)
-                    addr, length, buf_id, flags = desc
-                    off = addr - base
-                    simple = (
-                        not flags & (DESC_F_NEXT | DESC_F_INDIRECT)
-                        and length > 0
-                        and off >= 0
-                        and off + length <= extent
-                        and buf_id < size
-                        and buf_id not in outstanding
-                    )
-                if not simple:
-                    self._avail, self._avail_wrap = pos, wrap
-                    chain = self.pop()  # the full checks, and the precise error if there is one
-                    if chain is None:  # pragma: no cover - the flags said available just now
-                        break
-                    append(chain)
-                    pos, wrap = self._avail, self._avail_wrap
-                    continue
-                c = new(cls)
-                c.head = buf_id
-                if flags & DESC_F_WRITE:
-                    gpas = [(addr, length)]
-                    c.readable = empty
-                    c.writable = [view[off : off + length]]
-                    c.read_len = 0
-                    c.write_len = length
-                else:
-                    gpas = empty
-                    c.readable = [view[off : off + length]]
-                    c.writable = empty
-                    c.read_len = length
-                    c.write_len = 0
-                c.writable_gpas = gpas
-                c.desc_count = 1
-                if inflight is not None:
-                    inflight.on_pop([desc], self._used, self._used_wrap)
-                outstanding[buf_id] = (1, gpas)
-                append(c)
-                taken += 1
-                pos += 1
-                if pos == size:
-                    pos = 0
-                    wrap = not wrap
+            self._pop_one_region(max_n, table, out)
         except (VirtqueueError, GuestMemoryError):
             if not out:
                 raise
+        if out and self.event_idx and self._notify_enabled:
+            self._set_device_event(
+                self._avail | self._avail_wrap << EVENT_WRAP_SHIFT, RING_EVENT_FLAGS_DESC
+            )
+        return out
+
+    def _columns(self, start: int, end: int, expect: int) -> _Columns | None:
+        """Ring descriptors ``[start, end)`` as lists ``(flags, addr, len, id)``, or None when
+        the first is not available (its ``AVAIL`` / ``USED`` bits differ from ``expect``).
+
+        The flags are read first and the bodies after them (with a read barrier where one is
+        needed): a descriptor's body is only used once its flags said available, as in :meth:`pop`.
+        """
+        flags = self._ring16[(start << 3) + FLAGS : end << 3 : 8].tolist()
+        if (flags[0] & BOTH) != expect:
+            return None
+        if RW_BARRIERS_NEEDED:
+            read_barrier()
+        return (
+            flags,
+            self._ring64[start << 1 : end << 1 : 2].tolist(),
+            self._ring32[(start << 2) + 2 : end << 2 : 4].tolist(),
+            self._ring16[(start << 3) + 6 : end << 3 : 8].tolist(),
+        )
+
+    def _pop_one_region(  # noqa: C901, PLR0912, PLR0915  (inlined hot path, see docstring)
+        self, max_n: int, table: FastTable, out: list[DescriptorChain]
+    ) -> None:
+        """Append up to ``max_n`` available chains to ``out``, memory of one region.
+
+        A run of ring descriptors is read as columns (:meth:`_columns`, about as many as the
+        batch needs at the chain length seen so far), and chains of direct descriptors or one
+        indirect table, lying in the region, are built inline into bare instances (the shared
+        :data:`EMPTY` list for the absent side of a one-descriptor chain). Anything else (a bad
+        or unusual descriptor, a chain running past the end of the ring) goes to :meth:`pop`,
+        which takes it or raises the precise error; this path never raises for a bad chain
+        itself. Inline on purpose: a call per chain costs more than the rest of a short one.
+        ``tests/virtio/test_packed_fastpath.py`` holds it to :meth:`pop`'s results.
+        """
+        base = table[0][0]
+        # flag bits as locals: a module global costs a dictionary-backed load per use
+        both, link, indirect_flag = BOTH, DESC_F_NEXT | DESC_F_INDIRECT, DESC_F_INDIRECT
+        next_flag, write_flag, u32_limit = DESC_F_NEXT, DESC_F_WRITE, U32_LIMIT
+        extent = table[1][0]
+        view = table[2][0]
+        size = self.size
+        outstanding = self._outstanding
+        inflight = self._inflight
+        max_chain = self._max_chain
+        indirect_limit = (self._max_indirect << 4) if self.indirect else 0
+        unpack_table = DESC.iter_unpack
+        new = _new
+        cls = DescriptorChain
+        empty = EMPTY
+        one_read = _ONE_READ
+        append = out.append
+        pos = self._avail
+        wrap = self._avail_wrap
+        left = max_n
+        per = self._per_chain
+        moved = taken = 0
+        try:
+            while left:
+                expect = DESC_F_AVAIL if wrap else DESC_F_USED
+                end = pos + left * per
+                columns = self._columns(pos, end if end < size else size, expect)
+                if columns is None:
+                    break
+                flagss, addrs, lens, ids = columns
+                clen = len(flagss)
+                j = 0
+                status = 0  # 0 chunk used up, 1 stop, 2 chain runs past the chunk, 3 slow path
+                while j < clen:
+                    f = flagss[j]
+                    if (f & both) != expect:
+                        status = 1
+                        break
+                    if not f & link:  # one descriptor
+                        length = lens[j]
+                        addr = addrs[j]
+                        buf_id = ids[j]
+                        off = addr - base
+                        if not (
+                            length
+                            and off >= 0
+                            and off + length <= extent
+                            and buf_id < size
+                            and buf_id not in outstanding
+                        ):
+                            status = 3
+                            break
+                        c = new(cls)
+                        c.head = buf_id
+                        if f & write_flag:
+                            gpas = [(addr, length)]
+                            c.readable = empty
+                            c.writable = [view[off : off + length]]
+                            c.read_len = 0
+                            c.write_len = length
+                            c.writable_gpas = gpas
+                            outstanding[buf_id] = (1, gpas)
+                        else:
+                            c.readable = [view[off : off + length]]
+                            c.writable = empty
+                            c.read_len = length
+                            c.write_len = 0
+                            c.writable_gpas = empty
+                            outstanding[buf_id] = one_read
+                        c.desc_count = 1
+                        if inflight is not None:
+                            inflight.on_pop(
+                                [(addr, length, buf_id, f)], self._used, self._used_wrap
+                            )
+                        append(c)
+                        j += 1
+                        left -= 1
+                        if not left:
+                            status = 1
+                            break
+                        continue
+                    readable: list[memoryview] = []
+                    writable: list[memoryview] = []
+                    gpas = []
+                    read_len = write_len = 0
+                    if not f & indirect_flag:  # direct descriptors linked by NEXT
+                        seen_write = False
+                        k = j
+                        while True:
+                            length = lens[k]
+                            if f & write_flag:
+                                seen_write = True
+                                if length:
+                                    addr = addrs[k]
+                                    off = addr - base
+                                    if off < 0 or off + length > extent:
+                                        status = 3
+                                        break
+                                    writable.append(view[off : off + length])
+                                    gpas.append((addr, length))
+                                    write_len += length
+                            elif seen_write:
+                                status = 3
+                                break
+                            elif length:
+                                off = addrs[k] - base
+                                if off < 0 or off + length > extent:
+                                    status = 3
+                                    break
+                                readable.append(view[off : off + length])
+                                read_len += length
+                            k += 1
+                            if not f & next_flag:
+                                break
+                            if k - j >= max_chain:
+                                status = 3
+                                break
+                            if k == clen:
+                                status = 2 if pos + clen < size else 3
+                                break
+                            f = flagss[k]
+                            if (f & both) != expect or f & indirect_flag:
+                                status = 3
+                                break
+                        if status:
+                            break
+                        buf_id = ids[k - 1]
+                        count = k - j
+                    else:  # one indirect table
+                        length = lens[j]
+                        off = addrs[j] - base
+                        buf_id = ids[j]
+                        if (
+                            f & next_flag
+                            or not length
+                            or length & 15
+                            or length > indirect_limit
+                            or off < 0
+                            or off + length > extent
+                        ):
+                            status = 3
+                            break
+                        seen_write = False
+                        for addr, piece, _, flags in unpack_table(view[off : off + length]):
+                            if flags & indirect_flag:
+                                status = 3
+                                break
+                            if flags & write_flag:
+                                seen_write = True
+                                if piece:
+                                    off = addr - base
+                                    if off < 0 or off + piece > extent:
+                                        status = 3
+                                        break
+                                    writable.append(view[off : off + piece])
+                                    gpas.append((addr, piece))
+                                    write_len += piece
+                            elif seen_write:
+                                status = 3
+                                break
+                            elif piece:
+                                off = addr - base
+                                if off < 0 or off + piece > extent:
+                                    status = 3
+                                    break
+                                readable.append(view[off : off + piece])
+                                read_len += piece
+                        if status:
+                            break
+                        k = j + 1
+                        count = 1
+                    if buf_id >= size or buf_id in outstanding or read_len + write_len > u32_limit:
+                        status = 3
+                        break
+                    c = new(cls)
+                    c.head = buf_id
+                    c.readable = readable
+                    c.writable = writable
+                    c.read_len = read_len
+                    c.write_len = write_len
+                    c.writable_gpas = gpas
+                    c.desc_count = count
+                    if inflight is not None:
+                        descs = [(addrs[i], lens[i], ids[i], flagss[i]) for i in range(j, k)]
+                        inflight.on_pop(descs, self._used, self._used_wrap)
+                    outstanding[buf_id] = (count, gpas)
+                    append(c)
+                    j = k
+                    left -= 1
+                    if not left:
+                        status = 1
+                        break
+                moved += j
+                taken = max_n - left
+                pos += j
+                if pos == size:
+                    pos = 0
+                    wrap = not wrap
+                if status == 1:
+                    break
+                if status == 2:  # read again from this chain's head, twice as far
+                    per = max(per, -(-2 * (clen - j) // left))
+                elif status == 3:  # pop() takes it, or raises the precise error
+                    self._avail, self._avail_wrap = pos, wrap
+                    chain = self.pop()
+                    if chain is None:  # pragma: no cover - the flags said available just now
+                        break
+                    append(chain)
+                    left -= 1
+                    pos, wrap = self._avail, self._avail_wrap
+                elif taken:
+                    per = -(-moved // taken) or 1
         finally:
             self._avail, self._avail_wrap = pos, wrap
-        if taken and self.event_idx and self._notify_enabled:
-            self._set_device_event(pos | wrap << EVENT_WRAP_SHIFT, RING_EVENT_FLAGS_DESC)
-        return out
+            if taken:
+                self._per_chain = -(-moved // taken) or 1
 
     def resubmit(self, descriptors: Sequence[tuple[int, int, int, int]]) -> DescriptorChain:
         """Rebuild a chain from saved ring descriptors ``(addr, len, id, flags)``, now in flight.
@@ -530,9 +729,114 @@ class PackedQueue(RingQueue):
         """Mark several ``(head, written)`` used; the first entry's flags are stored last.
 
         Every entry is validated before any is written, so a bad one leaves the ring untouched.
+        Without inflight tracking or dirty logging the batch is checked and written as columns
+        (one array per field, strided stores when every chain took one ring descriptor); the
+        rest, and any batch that fails a check, goes through :meth:`_push_exact`.
         """
-        if not items:
+        n = len(items)
+        if not n:
             return
+        if self._inflight is not None or self._log_used or self._mem.logging:
+            self._push_exact(items)
+            return
+        try:
+            heads, written = zip(*items, strict=True)
+            ids = array("H", heads)  # rejects ids < 0 or >= 2^16 (never in flight)
+            lens = array("I", written)  # rejects lengths < 0 or >= 2^32
+        except (ValueError, OverflowError, TypeError):
+            self._push_exact(items)  # raises the precise error
+            return
+        outstanding = self._outstanding
+        entries: list[tuple[int, list[tuple[int, int]]]] = []
+        try:
+            entries.extend(map(outstanding.pop, heads))
+        except KeyError:  # an id not in flight, or given twice: put back what was taken, explain
+            outstanding.update(zip(heads, entries, strict=False))  # the first k
+            self._push_exact(items)
+            return
+        counts = list(map(_count_of, entries))
+        count = counts[0]
+        first = self._used
+        if counts.count(count) == n:
+            total = count * n
+            first_flags = self._store_columns(ids, lens, written, count)
+        else:
+            total = sum(counts)
+            first_flags = self._store_each(heads, written, counts)
+        if RW_BARRIERS_NEEDED:
+            write_barrier()  # every entry of the batch is complete before the first is handed over
+        self._ring16[(first << 3) + FLAGS] = first_flags
+        self._used_since_signal += total
+
+    def _store_columns(
+        self, ids: array[int], lens: array[int], written: tuple[int, ...], count: int
+    ) -> int:
+        """Write used descriptors of chains of ``count`` ring descriptors each, one strided store
+        per field (two where the batch wraps), all but the first entry's flags; move the used
+        position. Returns the first entry's flags, for the caller to store last."""
+        n = len(ids)
+        used, wrap = self._used, self._used_wrap
+        size = self.size
+        ring16 = self._ring16
+        ring32 = self._ring32
+        step = count << 3  # u16 words from one used descriptor to the next
+        end = used + count * n
+        nothing = written.count(0) == n
+        flag = BOTH if wrap else 0
+        if end <= size:
+            stop = end << 3
+            flags = _used_flags(written, flag, nothing)
+            ring16[(used << 3) + 6 : stop : step] = ids
+            ring32[(used << 2) + 2 : stop >> 1 : step >> 1] = lens
+            ring16[(used << 3) + 7 + step : stop : step] = flags[1:]
+            if end < size:
+                self._used = end
+            else:
+                self._used, self._used_wrap = 0, not wrap
+            return flags[0]
+        cut = -(-(size - used) // count)  # entries that start before the end of the ring
+        flags = _used_flags(written[:cut], flag, nothing)
+        ring16[(used << 3) + 6 :: step] = ids[:cut]
+        ring32[(used << 2) + 2 :: step >> 1] = lens[:cut]
+        ring16[(used << 3) + 7 + step :: step] = flags[1:]
+        restart = used + cut * count - size
+        end -= size
+        ring16[(restart << 3) + 6 : end << 3 : step] = ids[cut:]
+        ring32[(restart << 2) + 2 : end << 2 : step >> 1] = lens[cut:]
+        ring16[(restart << 3) + 7 : end << 3 : step] = _used_flags(
+            written[cut:], flag ^ BOTH, nothing
+        )
+        self._used, self._used_wrap = end, not wrap
+        return flags[0]
+
+    def _store_each(
+        self, heads: tuple[int, ...], written: tuple[int, ...], counts: list[int]
+    ) -> int:
+        """Write used descriptors of chains of mixed lengths one by one, all but the first
+        entry's flags; move the used position. Returns the first entry's flags."""
+        pack = USED_BODY.pack_into
+        ring = self._ring
+        ring16 = self._ring16
+        size = self.size
+        used, wrap = self._used, self._used_wrap
+        first_flags = -1
+        for head, length, count in zip(heads, written, counts, strict=True):
+            pack(ring, (used << 4) + 8, length, head)
+            flags = (BOTH if wrap else 0) | (DESC_F_WRITE if length else 0)
+            if first_flags < 0:
+                first_flags = flags
+            else:
+                ring16[(used << 3) + FLAGS] = flags
+            used += count
+            if used >= size:
+                used -= size
+                wrap = not wrap
+        self._used, self._used_wrap = used, wrap
+        return first_flags
+
+    def _push_exact(self, items: Sequence[tuple[int, int]]) -> None:
+        """:meth:`push_batch` item by item, with inflight tracking and dirty logging; the
+        precise error for a bad batch."""
         self._check_items(items)
         counts = self._complete(items)
         size = self.size
@@ -568,7 +872,7 @@ class PackedQueue(RingQueue):
             inflight.after_publish()
         if logged and self._mem.logging:
             for pos in logged:
-                self._mem.log_write(self._desc_gpa + (pos << 4), DESC_SIZE)
+                self._mem.log_write(self.areas.desc + (pos << 4), DESC_SIZE)
 
     def _complete(self, items: Sequence[tuple[int, int]]) -> list[int]:
         """Take checked ``items`` out of flight, dirty-log what was written into them; the ring
@@ -603,14 +907,14 @@ class PackedQueue(RingQueue):
     def _set_device_event(self, off_wrap: int, flags: int) -> None:
         self._device_event32[0] = off_wrap | flags << 16
         if self._log_used:
-            self._mem.log_write(self._device_event_gpa, EVENT_SIZE)
+            self._mem.log_write(self.areas.device, EVENT_SIZE)
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (device area flags DISABLE)."""
         self._notify_enabled = False
         self._device_event16[1] = RING_EVENT_FLAGS_DISABLE
         if self._log_used:
-            self._mem.log_write(self._device_event_gpa + 2, 2)
+            self._mem.log_write(self.areas.device + 2, 2)
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick again; True if a chain is available (process it first).
@@ -626,6 +930,6 @@ class PackedQueue(RingQueue):
         else:
             self._device_event16[1] = RING_EVENT_FLAGS_ENABLE
             if self._log_used:
-                self._mem.log_write(self._device_event_gpa + 2, 2)
+                self._mem.log_write(self.areas.device + 2, 2)
         full_barrier()  # the driver sees kicks enabled before we look at the ring again
         return self.has_available()
