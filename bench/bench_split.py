@@ -10,14 +10,17 @@ Rates are per CPU-second of this process (``time.process_time``), so other load 
 slows them less; the first line calibrates the interpreter (one ``x += i`` loop iteration), to
 compare runs on different machines. The "floor" line is the cost of the work every popped chain
 needs whatever the ring code does: one descriptor read, one memoryview slice in a one-item list
-and one DescriptorChain object. The "gc off" line repeats the batch case with the cyclic garbage
-collector disabled: the chains, lists and views are container objects, so the collector runs
-every few hundred chains, and that line shows what it costs.
+and one DescriptorChain object; the ``pop_columns`` lines need none of them (columns of heads,
+offsets and lengths, what a net transmit queue uses), with heads in table order and shuffled.
+The "gc off" line repeats the batch case with the cyclic garbage collector disabled: the
+chains, lists and views are container objects, so the collector runs every few hundred chains,
+and that line shows what it costs.
 """
 
 from __future__ import annotations
 
 import gc
+import random
 import struct
 import sys
 import time
@@ -144,6 +147,38 @@ def device_only(descs_per_chain: int, batch: bool, seconds: float) -> float:
     return rate
 
 
+def device_columns(seconds: float, shuffled: bool) -> float:
+    """One-descriptor readable chains through ``pop_columns`` + ``push_heads`` (no chain
+    objects, no views: what a net transmit queue into a sink does with the ring). Heads in
+    table order (a driver recycling descriptors in order, as DPDK's virtio does), or
+    ``shuffled`` (the general gather)."""
+    mem, drv, dev, n = make(1)
+    for k in range(n):
+        drv.add([(DATA + 0x800 * k, 64)], [])
+    if shuffled:  # the driver's heads were 0..n-1 in order: make them a fixed permutation
+        order = list(range(n))
+        random.Random(1).shuffle(order)
+        avail = dev._avail
+        for slot, head in enumerate(order):
+            avail[2 + slot] = head
+    avail_idx = dev._avail
+    state = [n]
+
+    def step() -> int:
+        avail_idx[1] = state[0]
+        state[0] = (state[0] + n) & 0xFFFF
+        columns = dev.pop_columns(n)
+        assert columns is not None
+        dev.push_heads(columns.heads)
+        return len(columns)
+
+    rate = run_for(seconds, step)
+    drv.close()
+    dev.close()
+    mem.close()
+    return rate
+
+
 def round_trip(descs_per_chain: int, seconds: float) -> float:
     mem, drv, dev, n = make(descs_per_chain)
     shapes = [shape(k, descs_per_chain) for k in range(n)]
@@ -173,6 +208,11 @@ def main() -> None:
         f"Python {sys.version.split()[0]}; interpreter: {calibrate():.0f} ns per loop iteration"
     )
     print(f"floor (read + slice + list + chain only)  {floor(seconds):10,.0f} chains/s")
+    print("1-descriptor readable chains, pop_columns+push_heads (no chain objects):")
+    for shuffled in (False, True):
+        rate = device_columns(seconds, shuffled)
+        heads = "shuffled heads" if shuffled else "heads in order"
+        print(f"  {heads:<28} {rate:10,.0f} chains/s")
     for descs in (1, 4):
         single = device_only(descs, False, seconds)
         batch = device_only(descs, True, seconds)

@@ -74,6 +74,16 @@ class NetBackend:
     def name(self) -> str:
         return self.kind
 
+    @property
+    def wants_views(self) -> bool:
+        """Whether :meth:`transmit_batch` looks at the packets. False for a sink (neither
+        transmit method overridden): the transmit path then hands it nothing and only counts."""
+        cls = type(self)
+        return (
+            cls.transmit is not NetBackend.transmit
+            or cls.transmit_batch is not NetBackend.transmit_batch
+        )
+
     def fds(self) -> list[int]:
         """One fd per queue pair, readable when frames from the host wait (none: no host side)."""
         return []

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain as chain_items
+from itertools import repeat
+from operator import sub
 
 from pyvhost.errors import GuestMemoryError, VirtqueueError
 from pyvhost.virtio.barrier import RW_BARRIERS_NEEDED, full_barrier, read_barrier, write_barrier
 from pyvhost.virtio.chain import EMPTY, DescriptorChain
+from pyvhost.virtio.columns import ReadColumns, gather
 from pyvhost.virtio.memory import GuestMemory
 from pyvhost.virtio.queue import SplitInflightHooks
 from pyvhost.virtio.ring import (
@@ -55,6 +58,11 @@ _new = object.__new__
 
 _Columns = tuple[list[int], list[int], list[int], list[int]]
 _NO_COLUMNS: _Columns = ([], [], [], [])
+_Run = tuple[Sequence[int], Sequence[int], int, int]
+"""What :meth:`SplitQueue.pop_columns` takes: offsets, lengths, shortest, longest."""
+_SIMPLE_FLAGS = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT
+"""Flags a descriptor :meth:`SplitQueue.pop_columns` takes has none of (other bits are ignored,
+as the chain path ignores them)."""
 
 
 def _where(in_indirect: bool, index: int, head: int) -> str:
@@ -109,6 +117,19 @@ class SplitQueue(RingQueue):
         )
         self._mask = size - 1
         self._desc = ring_view(mem, "descriptor table", desc_gpa, DESC_SIZE * size, 16)
+        words = self._desc.cast("I")
+        self._addr_col = self._desc.cast("Q")[0::2]
+        self._lo_col = words[0::4]
+        self._hi_col = words[1::4]
+        self._len_col = words[2::4]
+        self._flags_col = self._desc.cast("H")[6::8]
+        """Strided views of each descriptor field, for :meth:`pop_columns`'s gathers."""
+        self._zero_used = array("I", bytes(8 * size))
+        self._sequence: list[int] = []
+        """0 .. size - 1 twice (made on first use): heads taken in table order compare equal to
+        a slice of it, which is what a driver recycling descriptors in order makes available."""
+        self._sequence_used = array("I")
+        """The used elements ``(i, 0)`` for :attr:`_sequence`, to copy for such heads."""
         self._avail = ring_view(mem, "available ring", avail_gpa, 6 + 2 * size, 2).cast("H")
         used = ring_view(mem, "used ring", used_gpa, 6 + 8 * size, 4)
         self._used = used.cast("H")
@@ -129,7 +150,18 @@ class SplitQueue(RingQueue):
 
     def close(self) -> None:
         """Release the ring views so the memory can be unmapped now (the queue is unusable)."""
-        self._release(self._avail, self._used, self._used_ring32, self._used_ring, self._desc)
+        self._release(
+            self._addr_col,
+            self._lo_col,
+            self._hi_col,
+            self._len_col,
+            self._flags_col,
+            self._avail,
+            self._used,
+            self._used_ring32,
+            self._used_ring,
+            self._desc,
+        )
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -276,6 +308,124 @@ class SplitQueue(RingQueue):
         if inflight is not None:
             for head in heads[:n]:
                 inflight.on_pop(head)
+
+    def pop_columns(self, max_n: int) -> ReadColumns | None:
+        """The chains :meth:`pop_batch` would take (up to ``max_n``) as :class:`ReadColumns`
+        (heads, offsets, lengths; no object per chain) when every one of them is one
+        device-readable descriptor inside the one memory region. None, with nothing taken,
+        when any is anything else or guest memory has several regions: then pop the same chains
+        with :meth:`pop_batch`, which validates them and names what is wrong (all or nothing, so
+        a hostile ring meets exactly the chain path's batches and errors). Empty columns:
+        nothing is available.
+
+        Per batch, not per chain: the descriptor fields of all heads are gathered with one C loop
+        each and checked in bulk (no flags, one 4 GiB window, lengths, the range of offsets);
+        only when a bulk check fails is each head looked at. The ring state after it
+        (last_avail_idx, avail_event, inflight tracking) is what :meth:`pop_batch` leaves for
+        the same chains.
+        """
+        if self._broken is not None:
+            self._check_broken()
+        last = self._last_avail
+        ready = (self._shadow_avail - last) & 0xFFFF
+        if ready < max_n:
+            ready = self._avail_entries()
+        n = ready if ready < max_n else max_n
+        if n <= 0:
+            return ReadColumns([], (), (), memoryview(b""))
+        starts, sizes, views = self._mem.fast_table()
+        if len(starts) != 1:
+            return None
+        try:
+            region = views[0][:]  # a view of our own keeps the mapping, as a chain's views do
+        except ValueError:  # released: the memory table changed under us
+            raise _table_changed(self.queue_index) from None
+        heads = self._avail_heads(last, n)
+        run = self._bulk_run(heads, starts[0], sizes[0]) or self._readable_run(
+            heads, starts[0], sizes[0]
+        )
+        if run is None:
+            return None
+        offsets, lengths, shortest, longest = run
+        self._taken(heads, n)
+        if self.event_idx and self._notify_enabled:
+            self._set_avail_event(self._last_avail)
+        return ReadColumns(heads, offsets, lengths, region, (shortest, longest))
+
+    def _bulk_run(self, heads: list[int], base: int, extent: int) -> _Run | None:
+        """Offsets, lengths and their bounds if every one of ``heads`` is a non-empty
+        device-readable descriptor (neither NEXT, WRITE nor INDIRECT) inside the region
+        ``[base, base + extent)``, else None: checked in bulk (one C loop per descriptor field
+        and per check, none per head). Stricter than :meth:`_readable_run`, never more lenient."""
+        n = len(heads)
+        get = self._getter(heads)
+        try:
+            flags = get(self._flags_col)
+        except IndexError:  # a head beyond the table
+            return None
+        if flags.count(0) != n:
+            return None
+        lengths = get(self._len_col)
+        shortest = min(lengths)
+        longest = max(lengths)
+        low_base = base & 0xFFFFFFFF
+        offsets: Sequence[int]
+        if get(self._hi_col).count(base >> 32) == n:  # one 4 GiB window: the low words
+            offsets = get(self._lo_col)
+            if low_base:
+                offsets = list(map(sub, offsets, repeat(low_base)))
+        else:
+            offsets = list(map(sub, get(self._addr_col), repeat(base)))
+            low_base = 1  # offsets may be negative: check the low end
+        if (
+            shortest > 0
+            and (not low_base or min(offsets) >= 0)
+            and max(offsets) + longest <= extent
+        ):
+            return offsets, lengths, shortest, longest
+        return None
+
+    def _in_sequence(self, heads: Sequence[int]) -> bool:
+        """Whether ``heads`` are consecutive descriptors of the table (wrapping at its end)."""
+        sequence = self._sequence
+        if not sequence:
+            sequence = self._sequence = list(range(self.size)) * 2
+            self._sequence_used = array("I", bytes(16 * self.size))
+            self._sequence_used[0::2] = array("I", sequence)
+        first = heads[0]
+        return 0 <= first < self.size and heads == sequence[first : first + len(heads)]
+
+    def _getter(self, heads: list[int]) -> Callable[[memoryview], Sequence[int]]:
+        """A function taking the values of ``heads`` from a column view of the table: one
+        gather, or one or two slices when the heads are consecutive (cheaper per value)."""
+        if not self._in_sequence(heads):
+            return gather(heads)
+        first = heads[0]
+        end = first + len(heads)
+        size = self.size
+        if end <= size:
+            return lambda column: column[first:end].tolist()
+        wrap = end - size
+        return lambda column: column[first:].tolist() + column[:wrap].tolist()
+
+    def _readable_run(self, heads: list[int], base: int, extent: int) -> _Run | None:
+        """What :meth:`_bulk_run` returns, found by looking at each head in turn (exact where
+        the bulk checks are only sufficient: unknown flag bits, a buffer at the region's end)."""
+        desc = self._desc
+        unpack = DESC.unpack_from
+        size = self.size
+        offsets: list[int] = []
+        lengths: list[int] = []
+        for head in heads:
+            if head >= size:
+                return None
+            addr, length, flags, _ = unpack(desc, head << 4)
+            off = addr - base
+            if flags & _SIMPLE_FLAGS or not length or off < 0 or off + length > extent:
+                return None
+            offsets.append(off)
+            lengths.append(length)
+        return offsets, lengths, min(lengths), max(lengths)
 
     def _descriptor_columns(self) -> _Columns:
         """The whole descriptor table as four lists: addr, len, flags, next (one read each).
@@ -602,6 +752,42 @@ class SplitQueue(RingQueue):
         if not n:
             return
         elems = self._used_elements(items)
+        inflight = self._inflight
+        self._publish(elems, n, [h for h, _ in items] if inflight is not None else (), items=items)
+
+    def push_heads(self, heads: Sequence[int]) -> None:
+        """Put chains ``heads`` in the used ring with nothing written (``push_batch`` of
+        ``(head, 0)`` each, the same checks and ring state after): the used elements made with
+        one array conversion, written with one store, published with one used.idx store."""
+        n = len(heads)
+        if not n:
+            return
+        if n <= self.size and self._in_sequence(heads):
+            first = heads[0]
+            elems = self._sequence_used[2 * first : 2 * (first + n)]
+        else:
+            try:
+                ids = array("I", heads)
+            except OverflowError:
+                ids = None
+            if ids is None or n > self.size or max(ids) >= self.size:
+                self.push_batch([(h, 0) for h in heads])  # raises push_batch's error
+                return
+            elems = self._zero_used[: 2 * n]
+            elems[0::2] = ids
+        self._publish(elems, n, heads, items=None)
+
+    def _publish(
+        self,
+        elems: array[int],
+        n: int,
+        heads: Sequence[int],
+        *,
+        items: Sequence[tuple[int, int]] | None,
+    ) -> None:
+        """Write ``n`` used elements (``elems``: id, len, ...) and publish them with one
+        used.idx store: dirty logging of the chains' writes (``items``, None: nothing written)
+        and of the used ring, inflight hooks around the store (``heads``)."""
         size = self.size
         ring = self._used_ring32
         slot = self._used_idx & self._mask
@@ -615,9 +801,11 @@ class SplitQueue(RingQueue):
         idx = self._used_idx + n
         mem = self._mem
         if mem.logging:
-            self._log_batch(items)
+            if items is not None:
+                self._log_batch(items)
+            elif self._log_used:
+                self._log_used_slots(slot, n)
         inflight = self._inflight
-        heads = [h for h, _ in items] if inflight is not None else []
         if inflight is not None:
             inflight.before_publish(heads)
         if RW_BARRIERS_NEEDED:
@@ -629,6 +817,14 @@ class SplitQueue(RingQueue):
             mem.log_write(self._used_log_gpa + 2, 2)
         if inflight is not None:
             inflight.after_publish(heads, idx)
+
+    def _log_used_slots(self, slot: int, n: int) -> None:
+        """Dirty-log ``n`` used elements written from ``slot`` on (two ranges where they wrap)."""
+        mem = self._mem
+        first = min(n, self.size - slot)
+        mem.log_write(self._used_log_gpa + 4 + (slot << 3), first << 3)
+        if n > first:
+            mem.log_write(self._used_log_gpa + 4, (n - first) << 3)
 
     def _used_elements(self, items: Sequence[tuple[int, int]]) -> array[int]:
         """``items`` as used-ring words ``id, len, id, len ...``, every one checked first."""
