@@ -61,6 +61,9 @@ class RecordingQueue:
     def get_base(self) -> int:
         return 0
 
+    def unpop(self, chains: Sequence[DescriptorChain]) -> bool:
+        raise AssertionError("a block device never gives chains back")
+
     def has_available(self) -> bool:
         return bool(self.chains)
 

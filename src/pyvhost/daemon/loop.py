@@ -188,6 +188,11 @@ class ResumedQueue:
     def disable_notifications(self) -> None:
         self.inner.disable_notifications()
 
+    def unpop(self, chains: Sequence[DescriptorChain]) -> bool:
+        if self.pending:
+            raise ValueError("unpop: recovered chains are still pending")
+        return self.inner.unpop(chains)
+
     def get_base(self) -> int:
         return self.inner.get_base()
 

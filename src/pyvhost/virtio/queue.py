@@ -66,6 +66,15 @@ class DeviceQueue(Protocol):
         """Tell the driver kicks are not needed while the device is polling."""
         ...
 
+    def unpop(self, chains: Sequence[DescriptorChain]) -> bool:
+        """Give back ``chains``, the last ones popped (none pushed, in pop order); wait for more.
+
+        The next pops return them again, and the driver is asked to kick once it makes an entry
+        available past them; True if it already has (pop again now). For a device that took
+        buffers it cannot fill yet: a packet that needs more receive buffers than there are.
+        """
+        ...
+
     def get_base(self) -> int:
         """The ring state to return for GET_VRING_BASE (split: last_avail_idx)."""
         ...

@@ -5,7 +5,8 @@ Queue pair ``p`` is receive queue ``2p`` and transmit queue ``2p + 1``; the cont
 follows the last pair the driver may use (index 2 without MQ). A pair's two queues and its TAP
 queue share one worker thread, so its backlog needs no lock. The receive queue takes buffers
 only when packets wait (``handle_queue`` returns True otherwise and the TAP watch or a looped
-transmit calls ``schedule``).
+transmit calls ``schedule``); it returns True as well while a packet waits for more buffers than
+the ring offers, with a kick armed for them.
 """
 
 from __future__ import annotations

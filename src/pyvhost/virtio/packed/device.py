@@ -596,6 +596,39 @@ class PackedQueue(RingQueue):
         self._signalled_valid = False
         return [self.resubmit(e.descriptors) for e in entries]
 
+    def unpop(self, chains: Sequence[DescriptorChain]) -> bool:
+        """Give back the last ``chains`` popped and ask for a kick for the descriptor after them.
+
+        The avail position goes back by the ring descriptors they occupied (flipping the wrap
+        counter across the end); the kick is armed at the position they reached (flags DESC with
+        EVENT_IDX, ENABLE without) and that descriptor is looked at again behind a full barrier.
+        """
+        self._check_broken()
+        outstanding = self._outstanding
+        heads = [c.head for c in chains]
+        if len(set(heads)) != len(heads) or any(h not in outstanding for h in heads):
+            raise ValueError(f"unpop: buffers {heads} are not all distinct and in flight")
+        if heads and self._inflight is not None:
+            raise ValueError("unpop: chains cannot be given back under inflight tracking")
+        reached, reached_wrap = self._avail, self._avail_wrap
+        pos = reached - sum(outstanding.pop(h)[0] for h in heads)
+        wrap = reached_wrap
+        if pos < 0:
+            pos += self.size
+            wrap = not wrap
+        self._avail, self._avail_wrap = pos, wrap
+        self._notify_enabled = False
+        if self.event_idx:
+            off_wrap = reached | reached_wrap << EVENT_WRAP_SHIFT
+            self._set_device_event(off_wrap, RING_EVENT_FLAGS_DESC)
+        else:
+            self._device_event16[1] = RING_EVENT_FLAGS_ENABLE
+            if self._log_used:
+                self._mem.log_write(self.areas.device + 2, 2)
+        full_barrier()
+        flags = self._ring16[(reached << 3) + FLAGS]
+        return (flags & BOTH) == (DESC_F_AVAIL if reached_wrap else DESC_F_USED)
+
     def _build(self, descs: list[tuple[int, int, int, int]], where: str) -> DescriptorChain:
         """Validate the ring descriptors of one chain and map its buffers."""
         size = self.size

@@ -690,6 +690,29 @@ class SplitQueue(RingQueue):
         if views is not None:
             parts.add(views, addr, length, flags)
 
+    def unpop(self, chains: Sequence[DescriptorChain]) -> bool:
+        """Give back the last ``chains`` popped and ask for a kick past the entries seen so far.
+
+        last_avail_idx goes back by ``len(chains)``; the kick is armed for the driver's next
+        entry after the avail.idx this queue last read (avail_event there, or NO_NOTIFY cleared)
+        and that index is read again behind a full barrier, the usual race-free re-check.
+        """
+        self._check_broken()
+        n = len(chains)
+        if n > self.in_flight:
+            raise ValueError(f"unpop: {n} chains given back but only {self.in_flight} in flight")
+        if n and self._inflight is not None:
+            raise ValueError("unpop: chains cannot be given back under inflight tracking")
+        self._last_avail = (self._last_avail - n) & 0xFFFF
+        seen = self._shadow_avail
+        self._notify_enabled = False
+        if self.event_idx:
+            self._set_avail_event(seen)
+        else:
+            self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
+        full_barrier()
+        return bool(self._avail[1] != seen)
+
     # -- push -----------------------------------------------------------------------------------
 
     def _check_head(self, head: int, written: int) -> None:
