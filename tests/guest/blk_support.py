@@ -285,6 +285,7 @@ def kill_at(
     packed: bool,
     within: float = 20,
     describe: Callable[[], str] | None = None,
+    workers_only: bool = False,
 ) -> int:
     """SIGKILL the back-end at a moment its inflight region shows requests in flight (or none).
 
@@ -293,6 +294,8 @@ def kill_at(
     there or let go (SIGCONT) for a few milliseconds before the next look. Returns the in-flight
     count it was killed with; raises AssertionError if no such moment came within `within`
     seconds of looking, with what `describe` says (e.g. what the guest was doing) appended.
+    With ``workers_only`` only its worker processes (``--worker-mode process``) are killed and
+    the daemon goes on.
     """
     pid = main_pid(proc)
     assert proc.pid is not None
@@ -319,6 +322,15 @@ def kill_at(
         regions = len(marked)
         most = max([most, *pending])
         if marked and (max(pending) > 0 if want_in_flight else max(marked) == 0):
+            if workers_only:
+                assert len(frozen) > 1, f"{proc.name} has no worker process"
+                for p in frozen[1:]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+                print(f"{proc.name}: workers {frozen[1:]} killed after {looks} looks with "
+                      f"{max(pending)} in flight ({max(marked)} marked)")  # fmt: skip
+                return max(pending)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.stop()
             print(

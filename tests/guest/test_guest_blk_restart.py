@@ -31,7 +31,7 @@ from .test_guest_blk import AWK_PATTERN, sector_pattern
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
-IMAGE_SIZE = 64 << 20
+IMAGE_SIZE = 256 << 20
 OFFSET_BLOCKS = 256
 """The first write pass starts at 1 MiB (in 4 KiB blocks); pass P at P - 1 patterns further."""
 CHUNKS = 64
@@ -226,6 +226,8 @@ def _first_difference(a: bytes, b: bytes) -> int | None:
         ("packed", "idle", "thread"),
         ("split", "in_flight", "process"),
         ("packed", "in_flight", "process"),
+        ("split", "in_flight", "worker"),
+        ("packed", "in_flight", "worker"),
     ],
 )
 def test_backend_restart_under_running_guest_loses_no_request(
@@ -239,12 +241,15 @@ def test_backend_restart_under_running_guest_loses_no_request(
 ) -> None:
     """In process mode the daemon is killed with its worker process (which serves the queue and
     holds the requests in flight): the worker dies with it, and the next daemon's worker redoes
-    them from the inflight region."""
+    them from the inflight region. Mode ``worker``: only the worker process is killed; the
+    daemon replaces it on the same connection (QEMU notices nothing) and the new worker redoes
+    the requests from the inflight region."""
     packed = ring == "packed"
     image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
     sock = peer_dir / "blk.sock"
     control = _Control(peer_dir / "ctl.sock")
-    mode_args = ("--worker-mode", mode)
+    workers_only = mode == "worker"
+    mode_args = ("--worker-mode", "process" if workers_only else mode)
     daemons: list[PeerProcess] = [serve_blk(peer_dir, "serve-0", sock, image, *mode_args)]
     guest_vm.extra_args += [
         "-chardev",
@@ -271,11 +276,24 @@ def test_backend_restart_under_running_guest_loses_no_request(
         for k in range(len(KILLS[moment])):
             killed_with.append(
                 _kill_at_point(
-                    guest_vm, guest, control, daemons, moment=moment, k=k, sock=sock, packed=packed
+                    guest_vm,
+                    guest,
+                    control,
+                    daemons,
+                    moment=moment,
+                    k=k,
+                    sock=sock,
+                    packed=packed,
+                    workers_only=workers_only,
                 )
             )
-            daemons.append(serve_blk(peer_dir, f"serve-{len(daemons)}", sock, image, *mode_args))
-            wait_started(daemons[-1])
+            if workers_only:
+                _wait_replaced(daemons[0], k + 1)
+            else:
+                daemons.append(
+                    serve_blk(peer_dir, f"serve-{len(daemons)}", sock, image, *mode_args)
+                )
+                wait_started(daemons[-1])
             _stop_finished_phases(control, KILLS[moment][k + 1 :])
         _watch(guest_vm, guest, None)
     except BaseException:
@@ -294,7 +312,10 @@ def test_backend_restart_under_running_guest_loses_no_request(
     context = f"\nguest output tail:\n{result.output[-1500:]}\nQEMU:\n{guest_vm.stderr[-2000:]}"
     assert result.exit_code == 0, context + "\nlast serve log:\n" + logs[-1][-4000:]
     _check_image(result, image)
-    _check_logs(logs, moment, killed_with)
+    if workers_only:
+        _check_worker_log(logs[0], killed_with)
+    else:
+        _check_logs(logs, moment, killed_with)
 
 
 def _kill_at_point(
@@ -307,9 +328,10 @@ def _kill_at_point(
     k: int,
     sock: Path,
     packed: bool,
+    workers_only: bool = False,
 ) -> int:
     """Wait for kill ``k``'s point in the guest's I/O, SIGKILL the running back-end there and
-    remove its socket; how many requests it held."""
+    remove its socket (or kill only its worker process); how many requests it held."""
     phase, chunk = KILLS[moment][k]
     _watch(guest_vm, guest, f"{PHASE_LINE[phase]} 1 {chunk}")
     held = kill_at(
@@ -318,10 +340,22 @@ def _kill_at_point(
         queue_size=QUEUE_SIZE,
         packed=packed,
         describe=lambda: _guest_phase(guest_vm, control),
+        workers_only=workers_only,
     )
+    if workers_only:
+        return held
     sock.unlink()  # a SIGKILLed daemon leaves its socket behind
     time.sleep(0.3)  # the guest keeps queueing requests meanwhile
     return held
+
+
+def _wait_replaced(daemon: PeerProcess, times: int, timeout: float = 30) -> None:
+    """Wait until the daemon has replaced its worker ``times`` times."""
+    deadline = time.monotonic() + timeout
+    while daemon.stderr.count("resume where their rings stopped") < times:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker not replaced {times} times:\n{daemon.stderr[-3000:]}")
+        time.sleep(0.05)
 
 
 def _stop_finished_phases(control: _Control, later_kills: Sequence[tuple[str, int]]) -> None:
@@ -330,6 +364,17 @@ def _stop_finished_phases(control: _Control, later_kills: Sequence[tuple[str, in
     for done in ("write", "read"):
         if done not in later and done not in control.sent:
             control.stop(done)
+
+
+def _check_worker_log(log: str, killed_with: list[int]) -> None:
+    """One connection throughout; each killed worker replaced, its requests redone, no error."""
+    assert all(n > 0 for n in killed_with)
+    assert log.count("front-end connected") == 1, log[-3000:]
+    assert log.count("died (killed by SIGKILL)") == len(killed_with), log[-3000:]
+    assert log.count("queues [0] resume where their rings stopped") == len(killed_with)
+    assert log.count("in-flight requests recovered") == len(killed_with), log[-3000:]
+    assert "not replaced" not in log and "Traceback" not in log, log[-3000:]
+    assert not [p for p in problems(log) if "died (killed by SIGKILL)" not in p], problems(log)
 
 
 def _check_image(result: GuestResult, image: Path) -> None:

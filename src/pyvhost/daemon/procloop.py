@@ -25,19 +25,26 @@ once the chains in flight are done: GET_VRING_BASE), enabled; memory table, dirt
 region; status; reset. A worker reports a queue it stopped as broken (its error eventfd is
 signalled by the worker; the daemon logs it).
 
-A worker that dies (killed, crashed) is noticed at once by end of file on its socket: it is
-logged, its queues are failed as broken queues are (error eventfd signalled), and GET_VRING_BASE
-of such a queue answers where the used ring is in guest memory, as QEMU resumes after a back-end
-crash; the chains that were in flight are redone from the inflight region by the next worker,
-started when a queue of that worker starts again (or for the next front-end). A worker that
-does not answer a request within :data:`REPLY_TIMEOUT` is killed and treated the same way.
-A packed ring without an inflight region whose worker died restarts from the position it had
-when it started: only inflight tracking says where a packed ring's work stopped.
+A worker that dies (killed, crashed) is noticed at once by end of file on its socket and logged,
+and a new worker takes its queues over on the same connection: it maps the memory, the dirty log
+and the inflight region again, and starts each queue where its ring stopped (the used index of a
+split ring, the inflight region's position of a packed one), redoing the chains that were in
+flight from the inflight region first, as a restarted back-end does; the front-end notices
+nothing but the delay. That needs the inflight region (INFLIGHT_SHMFD, which QEMU's
+vhost-user-blk sets up): without it, which chains the dead worker completed is not known
+exactly, and the queues fail as broken queues do (error eventfd signalled) for the front-end to
+restart them; so do they once a worker has died :data:`RESPAWN_LIMIT` times for one front-end.
+GET_VRING_BASE of a failed queue answers where the used ring is in guest memory, as QEMU resumes
+after a back-end crash. A worker that does not answer a request within :data:`REPLY_TIMEOUT` is
+killed and treated the same way. A packed ring without an inflight region whose worker died
+restarts from the position it had when it started: only inflight tracking says where a packed
+ring's work stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -46,7 +53,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pyvhost
 from pyvhost.daemon.adapter import DeviceAdapter
@@ -63,7 +70,14 @@ if TYPE_CHECKING:
     from pyvhost.virtio.memory import DirtyLog, GuestMemory
     from pyvhost.virtio.queue import DeviceQueue
 
-__all__ = ["REPLY_TIMEOUT", "WORKER_MODES", "ProcessAdapter", "ProcessLoop", "WorkerDiedError"]
+__all__ = [
+    "REPLY_TIMEOUT",
+    "RESPAWN_LIMIT",
+    "WORKER_MODES",
+    "ProcessAdapter",
+    "ProcessLoop",
+    "WorkerDiedError",
+]
 
 log = logging.getLogger("pyvhost.daemon")
 
@@ -75,6 +89,27 @@ REPLY_TIMEOUT = 30.0
 
 STOP_TIMEOUT = 5.0
 """How long a worker told to end has before it is killed."""
+
+RESPAWN_LIMIT = 3
+"""How many times a worker that died is replaced for one front-end; after that its queues fail
+(a request that kills every worker would otherwise kill them for ever)."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _controlled(
+    method: Callable[Concatenate[ProcessLoop, _P], _R],
+) -> Callable[Concatenate[ProcessLoop, _P], _R]:
+    """Run a :class:`ProcessLoop` state change under its control lock."""
+
+    def run(loop: ProcessLoop, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with loop._control:
+            return method(loop, *args, **kwargs)
+
+    functools.update_wrapper(run, method)
+    return run
 
 
 class WorkerDiedError(VhostError):
@@ -288,6 +323,12 @@ class ProcessLoop:
         self._queues: dict[int, _Queue] = {}
         self._enabled: dict[int, bool] = {}
         self._closed = False
+        self._control = threading.RLock()
+        """Held by every state change the handler hands on and by the replacement of a worker
+        that died, so that neither sees the other half done."""
+        self._respawns = [0] * workers
+        self._replacing: set[int] = set()
+        """Workers (by index) whose replacement is under way."""
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -302,6 +343,7 @@ class ProcessLoop:
             self.release(previous)
         with self._lock:
             self._owner, self._spec = owner, spec
+            self._respawns = [0] * self.workers
         for i in range(self.workers):
             self._spawn(i)
 
@@ -362,16 +404,105 @@ class ProcessLoop:
             queues = [q for q in self._queues.values() if q.child is child and not q.failed]
             for q in queues:
                 q.failed = True
+            replacing = child.index in self._replacing
+            self._replacing.add(child.index)
         log.error(
-            "%s: %s died (%s); its queues %s fail",
+            "%s: %s died (%s); its queues %s stop",
             self.name,
             child,
             _describe_exit(code),
             [q.index for q in queues],
         )
+        if replacing:
+            return  # a replacement of this worker is under way and will see it
+        threading.Thread(
+            target=self._replace,
+            args=(child,),
+            name=f"{self.name}-worker{child.index}-replace",
+            daemon=True,
+        ).start()
+
+    def _replace(self, dead: _Child) -> None:
+        """A new worker for ``dead`` takes its queues over where their rings stopped, again if
+        it dies while doing so; the queues that cannot be taken over fail (error eventfd).
+
+        This thread then waits for the new worker to end: the kernel sends a worker its
+        PR_SET_PDEATHSIG when the *thread* that started it ends, not only the daemon.
+        """
+        while True:
+            child: _Child | None = None
+            failed: list[_Queue] = []
+            with self._control:
+                try:
+                    child, failed = self._restart(dead)
+                except Exception:
+                    log.exception("%s: replacing %s failed", self.name, dead)
+            for q in failed:
+                with contextlib.suppress(Exception):
+                    q.notifier.error()
+            with self._lock:
+                if child is None or child.alive:
+                    self._replacing.discard(dead.index)
+                    break
+            dead = child  # it died too, before it was done
+        if child is not None:
+            child.proc.wait()
+
+    def _restart(self, dead: _Child) -> tuple[_Child | None, list[_Queue]]:
+        """Start the queues of ``dead`` again on a new worker, each at its base
+        (:func:`_dead_base`) with the chains in flight redone from the inflight region; the
+        worker started, and the queues that fail instead."""
+        index = dead.index
+        with self._lock:
+            if self._closed or self._owner is None or self._children[index] is not dead:
+                return None, []  # the front-end left, the loop stopped, or a start replaced it
+            queues = [q for q in self._queues.values() if q.child is dead and q.failed]
+        if not queues:
+            return None, []  # none started: the next start gets a new worker
+        blind = [q.index for q in queues if not _tracked(q.queue)]
+        if blind:
+            log.error(
+                "%s: %s not replaced: queues %s have no inflight region, so where their rings "
+                "stopped is not known exactly; the front-end has to restart them",
+                self.name,
+                dead,
+                blind,
+            )
+            return None, queues
+        while True:
+            self._respawns[index] += 1
+            if self._respawns[index] > RESPAWN_LIMIT:
+                log.error(
+                    "%s: worker %d died %d times for this front-end: not replaced again",
+                    self.name,
+                    index,
+                    self._respawns[index],
+                )
+                return None, queues
+            try:
+                child = self._child(index)
+            except WorkerDiedError as exc:
+                log.error("%s: %s", self.name, exc)
+                continue
+            break
+        started = []
         for q in queues:
-            with contextlib.suppress(Exception):
-                q.notifier.error()
+            base = _dead_base(q)
+            fields = queue_fields(q.queue)
+            fields["base"] = base
+            if not fields["packed"]:
+                fields["used_idx"] = base
+            state = _Queue(q.index, q.worker, child, q.queue, q.notifier, q.mem)
+            if self._start_on(state, fields):
+                started.append(q.index)
+        log.info(
+            "%s: %s replaced %s; queues %s resume where their rings stopped",
+            self.name,
+            child,
+            dead,
+            started,
+        )
+        return child, []
 
     def _stop_children(self) -> None:
         with self._lock:
@@ -425,18 +556,22 @@ class ProcessLoop:
             except WorkerDiedError as exc:
                 log.error("%s: %s", self.name, exc)
 
+    @_controlled
     def set_memory(self, mem: GuestMemory) -> None:
         """The memory table changed (every queue is stopped): workers map it again."""
         self._each(lambda c: self._send_memory(c, mem))
 
+    @_controlled
     def set_log(self, dirty: DirtyLog | None) -> None:
         """Dirty logging started (the log) or stopped (None)."""
         self._each(lambda c: self._send_log(c, dirty))
 
+    @_controlled
     def set_inflight(self, region: InflightRegion | None) -> None:
         """The inflight region changed (no queue is started)."""
         self._each(lambda c: self._send_inflight(c, region))
 
+    @_controlled
     def set_status(self, status: int) -> None:
         """The driver wrote the device status: the twins hear of it too."""
 
@@ -445,6 +580,7 @@ class ProcessLoop:
 
         self._each(send)
 
+    @_controlled
     def notifier_changed(self, index: int, notifier: VringNotifier) -> None:
         """A started queue's call or error eventfd changed (SET_VRING_CALL / ERR)."""
         with self._lock:
@@ -478,9 +614,17 @@ class ProcessLoop:
         which = index % self.workers if worker is None else worker
         if not 0 <= which < self.workers:
             raise ValueError(f"worker {which} out of range (the loop has {self.workers})")
+        with self._control:
+            state = _Queue(index, which, self._child(which), queue, notifier, mem)
+            if not self._start_on(state, queue_fields(queue)):
+                with contextlib.suppress(Exception):
+                    notifier.error()
+
+    def _start_on(self, state: _Queue, queue_state: dict[str, Any]) -> bool:
+        """Have ``state.child`` serve the queue from ``queue_state``; False if it died first."""
+        index, child, notifier = state.index, state.child, state.notifier
         owner = self._owner
         assert owner is not None
-        child = self._child(which)
         names, fds = [], []
         for name, fd in (
             ("kick", notifier.kick_fd),
@@ -494,11 +638,10 @@ class ProcessLoop:
             "index": index,
             "features": owner.acked_features,
             "enabled": self._enabled.get(index, False),
-            "queue": queue_fields(queue),
+            "queue": queue_state,
             "fds": names,
             "polling": notifier.kick_polling,
         }
-        state = _Queue(index, which, child, queue, notifier, mem)
         with self._lock:
             self._queues[index] = state
         try:
@@ -506,13 +649,14 @@ class ProcessLoop:
         except WorkerDiedError as exc:
             log.error("%s: queue %d not started: %s", self.name, index, exc)
             state.failed = True
-            with contextlib.suppress(Exception):
-                notifier.error()
+            return False
         except BaseException:
             with self._lock:
                 self._queues.pop(index, None)
             raise
+        return True
 
+    @_controlled
     def remove_queue(
         self, device: object, index: int, *, drain: float = DRAIN_TIMEOUT
     ) -> int | None:
@@ -532,6 +676,7 @@ class ProcessLoop:
                 log.error("%s: queue %d: %s", self.name, index, exc)
         return _dead_base(state)
 
+    @_controlled
     def remove_device(self, device: object) -> None:
         """Stop every queue and reset the workers' twins (RESET_DEVICE, the front-end left)."""
         with self._lock:
@@ -545,6 +690,7 @@ class ProcessLoop:
 
         self._each(send)
 
+    @_controlled
     def set_enabled(self, device: object, index: int, enabled: bool) -> None:
         """SET_VRING_ENABLE: remembered for the queue's start, and told to its worker."""
         with self._lock:
@@ -605,6 +751,7 @@ class ProcessLoop:
         """The pids of the live workers (for tests and tools)."""
         return [c.pid for c in self._live()]
 
+    @_controlled
     def release(self, owner: ProcessAdapter) -> None:
         """``owner``'s front-end left: its workers end (the next front-end gets new ones)."""
         with self._lock:
@@ -615,6 +762,7 @@ class ProcessLoop:
             self._enabled.clear()
         self._stop_children()
 
+    @_controlled
     def idle(self) -> None:
         """Between front-ends: no worker is left running."""
         with self._lock:
@@ -623,6 +771,7 @@ class ProcessLoop:
             self._owner = None
         self._stop_children()
 
+    @_controlled
     def stop(self) -> None:
         """End every worker; the loop cannot be used again."""
         with self._lock:
@@ -636,6 +785,11 @@ class ProcessLoop:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _tracked(queue: DeviceQueue) -> bool:
+    """Whether ``queue`` reports to an inflight region (which says exactly where it stopped)."""
+    return isinstance(queue, SplitQueue | PackedQueue) and queue.inflight is not None
 
 
 def _dead_base(state: _Queue) -> int:
