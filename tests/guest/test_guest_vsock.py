@@ -8,14 +8,17 @@ UDS_5001, and listens on guest ports 6000 and 6001, which host programs reach wi
 both sides, then each side's refusal is checked: the guest connecting to a host port nobody
 listens on gets ECONNRESET, a host CONNECT to a guest port nobody listens on is closed without OK.
 
-Restarting the back-end under the guest is not tested here: QEMU 7.2's vhost-user-vsock cannot
-do it (see :func:`test_qemu_7_2_vhost_user_vsock_has_no_reconnect` and docs/vsock.md); the
-restart and its TRANSPORT_RESET are proven with pyvhost's own front-end in
-tests/devices/vsock/test_restart.py.
+QEMU 7.2's vhost-user-vsock cannot reconnect to a restarted back-end (see
+:func:`test_qemu_7_2_vhost_user_vsock_has_no_reconnect` and docs/vsock.md); the restart and its
+TRANSPORT_RESET are proven with pyvhost's own front-end in tests/devices/vsock/test_restart.py.
+What QEMU 7.2 offers instead, unplugging the device and plugging in one on a new back-end over
+QMP, is :func:`test_guest_vsock_after_backend_restart_by_replug`.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from peers.guest import GuestAssets, GuestUnavailableError, boot_guest
-from peers.qemu import QemuVM
+from peers.guest import GuestAssets, GuestResult, GuestUnavailableError, boot_guest
+from peers.qemu import PeerProcess, QemuVM
+from peers.qmp import Qmp
 from pyvhost.cli.vsock_streams import GUEST_TO_HOST, HOST_TO_GUEST, stream
 
 from .conftest import Serve
@@ -39,8 +43,7 @@ HOST_PORTS = (5000, 5001)
 GUEST_PORTS = (6000, 6001)
 GUEST_CID = 3
 
-SCRIPT = f"""{FETCH}
-t0=$(cut -d' ' -f1 /proc/uptime)
+STREAMS = f"""t0=$(cut -d' ' -f1 /proc/uptime)
 pids=
 for port in {" ".join(map(str, GUEST_PORTS))}; do
     /tmp/vsock_tool listen $port {SIZE} >/tmp/out.listen.$port 2>&1 &
@@ -57,6 +60,8 @@ cat /tmp/out.*
 /tmp/vsock_tool connect 2 5999 1 || true
 echo "streams $rc"
 """
+"""Guest lines for the four streams and the refusal (after FETCH)."""
+SCRIPT = FETCH + STREAMS
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +180,17 @@ def test_guest_streams_both_ways_through_serve_vsock(
     host = HostPrograms(uds)
     host.start()
     result = boot_guest(guest_vm, SCRIPT, timeout=50, assets=guest_assets).check()
-    outcome = host.finish(30)
-    lines = result.output.splitlines()
+    _check_streams(result.output, host.finish(30), uds)
+    _check_daemon(daemon)
+
+
+def _check_streams(output: str, outcome: dict[str, str], uds: Path) -> None:
+    """Both sides of `STREAMS` moved every byte and saw both refusals."""
+    lines = output.splitlines()
     for port in HOST_PORTS:
-        assert f"connect {port} ok {SIZE}" in lines, result.output
+        assert f"connect {port} ok {SIZE}" in lines, output
     for port in GUEST_PORTS:
-        assert f"listen {port} ok {SIZE}" in lines, result.output
+        assert f"listen {port} ok {SIZE}" in lines, output
     assert "streams 0" in lines
     assert "vsock_tool: connect: Connection reset by peer" in lines  # host port 5999: RST
     for port in HOST_PORTS:
@@ -190,10 +200,193 @@ def test_guest_streams_both_ways_through_serve_vsock(
         assert outcome[f"refused CONNECT after {port}"] == "b''"
     start, end = next(line for line in lines if line.startswith("seconds")).split()[1:]
     print(f"4 connections x {SIZE} bytes each way: {float(end) - float(start):.2f} s")
+
+
+def _check_daemon(daemon: PeerProcess) -> None:
+    """The back-end still runs and logged no error (the refused guest connection is info)."""
     assert daemon.returncode is None
     log = daemon.stderr
-    assert "ERROR" not in log and "Traceback" not in log
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
     assert "uds_5999: No such file or directory" in log
+
+
+HOLD_PORT = 5002
+"""The guest's connection that is open when the back-end dies."""
+KEPT_PORT = 6002
+"""A guest listener opened before the unplug and used after the re-plug."""
+SLOT, CHARDEV, DEVICE = "vsock-slot", "vsock-chr", "vsock0"
+DRIVER_DIR = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
+
+REPLUG_SCRIPT = f"""{FETCH}
+bound() {{ ls {DRIVER_DIR} | grep -q '^virtio'; }}
+gone() {{ ! bound; }}
+device() {{
+    i=0
+    until $1; do
+        i=$((i + 1))
+        if [ $i -gt 300 ]; then echo "vsock device never $1"; exit 1; fi
+        sleep 0.1
+    done
+    echo "vsock device $1"
+}}
+/tmp/vsock_tool listen {KEPT_PORT} {SIZE} >/tmp/kept.log 2>&1 &
+kept=$!
+/tmp/vsock_tool hold 2 {HOLD_PORT}
+device gone
+device bound
+{STREAMS}
+wait $kept
+cat /tmp/kept.log
+"""
+"""Hold a connection until the device goes, wait for it to come back, then `STREAMS`; a listener
+from before the unplug takes one more stream."""
+
+
+class _GuestThread:
+    """`boot_guest` on a thread, so that the test can act while the guest's script runs."""
+
+    def __init__(self, vm: QemuVM, script: str, assets: GuestAssets, timeout: float) -> None:
+        self.vm = vm
+        self._outcome: list[GuestResult | BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(script, assets, timeout), name="guest", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, script: str, assets: GuestAssets, timeout: float) -> None:
+        try:
+            self._outcome.append(boot_guest(self.vm, script, timeout=timeout, assets=assets))
+        except BaseException as exc:  # raised by `result`, in the test's thread
+            self._outcome.append(exc)
+
+    def wait_for(self, line: str, timeout: float = 30) -> None:
+        """Wait until the script printed `line`; AssertionError if it ends first or is late."""
+        path = self.vm.workdir / "result.log"  # boot_guest's result port
+        deadline = time.monotonic() + timeout
+        while True:
+            text = path.read_text(errors="replace").replace("\r\n", "\n") if path.exists() else ""
+            if f"\n{line}\n" in text:
+                return
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the guest did not print {line!r}; its output:\n{text[-1500:]}\n"
+                    f"console:\n{self.vm.console[-2000:]}\nQEMU stderr:\n{self.vm.stderr[-1000:]}"
+                )
+            time.sleep(0.02)
+
+    def result(self, timeout: float) -> GuestResult:
+        """The script's result once the guest powered off (what boot_guest raised, raised)."""
+        self._thread.join(timeout)
+        if not self._outcome:
+            raise AssertionError(f"the guest still runs after {timeout:g} s")
+        outcome = self._outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def _listen(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(60)
+    return listener
+
+
+def _kill(daemon: PeerProcess, sock: Path) -> None:
+    """SIGKILL the daemon, as a crash would end it, and remove the socket it leaves behind."""
+    assert daemon.pid is not None
+    os.killpg(daemon.pid, signal.SIGKILL)  # its process group: `timeout` and the daemon
+    daemon.stop()
+    sock.unlink()
+
+
+def _connect_and_exchange(uds: Path, port: int) -> str:
+    """CONNECT to a guest port that listens, then `_exchange`."""
+    sock, line = _connect(uds, port)
+    with sock:
+        return _exchange(sock) if line.startswith(b"OK ") else f"error: CONNECT answered {line!r}"
+
+
+def _wait_logged(daemon: PeerProcess, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemon.stderr:
+        if daemon.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{daemon.name} did not log {text!r}:\n{daemon.stderr[-3000:]}")
+        time.sleep(0.02)
+
+
+def test_guest_vsock_after_backend_restart_by_replug(
+    peer_dir: Path,
+    guest_vm: QemuVM,
+    guest_assets: GuestAssets,
+    serve: Serve,
+    vsock_tool: Path,
+) -> None:
+    """QEMU 7.2's only way to a restarted back-end (docs/vsock.md, "Transport reset"): the device
+    sits behind a hot-plug slot; once its back-end died it is unplugged (``device_del``, the
+    guest ejects it), its chardev removed, a new ``serve vsock`` started on the same socket and
+    both added again. Removing the device resets the guest's open connection (ECONNRESET); the
+    guest's listener from before keeps listening; new connections go both ways.
+
+    Host CONNECTs start only once the new daemon started the tx ring: one made while no driver
+    runs is dropped when the driver starts (as its predecessor's), and its REQUEST may already
+    have reached a guest listener by the rx ring, which then accepts a connection that is
+    reset at once."""
+    sock, uds = peer_dir / "vsock.sock", peer_dir / "uds"
+    args = ("--guest-cid", str(GUEST_CID), "--uds-path", str(uds))
+    first = serve("vsock", sock, *args)
+    qmp_socket = guest_vm.add_qmp(peer_dir / "qmp.sock")
+    guest_vm.extra_args += [
+        "-device",
+        f"pcie-root-port,id={SLOT},chassis=1",
+        "-chardev",
+        f"socket,id={CHARDEV},path={sock}",
+        "-device",
+        f"vhost-user-vsock-pci,id={DEVICE},chardev={CHARDEV},bus={SLOT}",
+    ]
+    guest_vm.add_fw_cfg(FW_CFG_NAME, vsock_tool)
+    hold_listener = _listen(f"{uds}_{HOLD_PORT}")
+    guest = _GuestThread(guest_vm, REPLUG_SCRIPT, guest_assets, timeout=60)
+    qmp: Qmp | None = None
+    try:
+        qmp = Qmp.when_listening(qmp_socket, guest_vm, "qmp")
+        held, _ = hold_listener.accept()
+        guest.wait_for(f"holding {HOLD_PORT}")
+        _kill(first, sock)
+        with held:
+            held.settimeout(10)
+            assert held.recv(1) == b""  # the host's end ends with the back-end
+        started = time.monotonic()
+        qmp.unplug(DEVICE, CHARDEV)
+        ejected = time.monotonic() - started
+        guest.wait_for("vsock device gone")
+        second = serve("vsock", sock, *args)
+        _wait_logged(second, "listening on")
+        host = HostPrograms(uds)
+        started = time.monotonic()
+        qmp.plug_vhost_user("vhost-user-vsock-pci", DEVICE, CHARDEV, sock, bus=SLOT)
+        guest.wait_for("vsock device bound")
+        plugged = time.monotonic() - started
+        _wait_logged(second, "vring 1 started")
+        host.start()
+        kept = _connect_and_exchange(uds, KEPT_PORT)
+        result = guest.result(60).check()
+    except BaseException:
+        guest_vm.stop()
+        raise
+    finally:
+        if qmp is not None:
+            qmp.close()
+        hold_listener.close()
+    print(f"unplugged in {ejected:.2f} s, plugged until the driver bound in {plugged:.2f} s")
+    lines = result.output.splitlines()
+    assert f"hold {HOLD_PORT} ended: Connection reset by peer" in lines, result.output
+    assert lines.index("vsock device gone") < lines.index("vsock device bound")
+    assert f"listen {KEPT_PORT} ok {SIZE}" in lines, result.output
+    assert kept == "ok"
+    _check_streams(result.output, host.finish(30), uds)
+    _check_daemon(second)
 
 
 def test_qemu_7_2_vhost_user_vsock_has_no_reconnect(

@@ -5,7 +5,7 @@ destination QemuVM with the same command line plus ``-incoming unix:PATH -S``: i
 migration and stays paused after it, so the two guests' RAM can be compared before the
 destination runs on. The test reads each side's guest RAM (QEMU's shared memfd, as for any
 vhost-user guest) through /proc/PID/map_files. Each QEMU has a QMP socket, driven with QEMU's own
-library (``qemu.qmp``).
+library (``qemu.qmp``, see qmp.py).
 
 The guest can tell where it runs: fw_cfg ``opt/pyvhost-side`` (`SIDE_PATH` in the guest) reads
 ``source`` on the source and ``target`` on the destination. The guest's fw_cfg directory is the
@@ -15,17 +15,14 @@ returns the destination's bytes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-from qemu.qmp import ConnectError, QMPClient, QMPError
+from typing import Any
 
 from .guest import FW_CFG_SCRIPT, GuestAssets, parse_result
 from .qemu import PeerError, QemuVM, check_socket_path
+from .qmp import Qmp
 
 PAGE = 4096
 GUEST_RAM_MEMFD = "/memfd:memory-backend-memfd"
@@ -37,40 +34,6 @@ HOLD_BANDWIDTH = 256 << 10
 """Bytes/s while a migration is held (`MigrationPair.migrate`): a dirty page then takes 16 ms to
 send, ample time for a busy guest to dirty another before the next sync."""
 """What `SIDE_PATH` reads on each side (the same length on both)."""
-
-_T = TypeVar("_T")
-
-
-class Qmp:
-    """A synchronous QMP session on a Unix socket: `qemu.qmp.QMPClient` on a private event loop."""
-
-    def __init__(self, socket: Path, name: str, timeout: float = 30) -> None:
-        self.name = name
-        self.timeout = timeout
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
-        try:
-            self._run(self._client.connect(str(socket)))
-        except BaseException:
-            self._loop.close()
-            raise
-
-    def _run(self, step: Awaitable[_T]) -> _T:
-        return self._loop.run_until_complete(asyncio.wait_for(step, self.timeout))
-
-    def execute(self, command: str, arguments: dict[str, object] | None = None) -> Any:
-        """Run one QMP command; its ``return`` value (ExecuteError when QEMU answers an error)."""
-        return self._run(self._client.execute(command, arguments))
-
-    def close(self) -> None:
-        """Disconnect; an error the session already ended with (QEMU exited) is not raised."""
-        if self._loop.is_closed():
-            return
-        try:
-            with contextlib.suppress(QMPError, OSError, EOFError):
-                self._run(self._client.disconnect())
-        finally:
-            self._loop.close()
 
 
 class Side:
@@ -105,18 +68,7 @@ class Side:
     def start(self, timeout: float = 30) -> None:
         """Start QEMU and connect to its QMP socket (which exists a moment before it listens)."""
         self.vm.start()
-        assert self.vm.process is not None
-        self.vm.process.wait_for_socket(self.qmp_socket, timeout)
-        deadline = time.monotonic() + timeout
-        while self._qmp is None:
-            try:
-                self._qmp = Qmp(self.qmp_socket, f"qmp-{self.role}")
-            except ConnectError as e:
-                if self.vm.returncode is not None or time.monotonic() > deadline:
-                    raise PeerError(
-                        f"{self.role}: no QMP on {self.qmp_socket}: {e}\n{self.describe()}"
-                    ) from e
-                time.sleep(0.05)
+        self._qmp = Qmp.when_listening(self.qmp_socket, self.vm, f"qmp-{self.role}", timeout)
 
     def status(self) -> str:
         """The run state (``running``, ``inmigrate``, ``paused``, ``postmigrate``, ...)."""
@@ -175,8 +127,7 @@ class MigrationPair:
             vm.add_fw_cfg(SIDE_FW_CFG, side_path)
             port = vm.add_serial_file(vm.workdir / "result.log")
             vm.append = f"console=ttyS0 panic=-1 pyvhost_result=/dev/ttyS{port}"
-            qmp_socket = check_socket_path(workdir / f"qmp-{role}.sock")
-            vm.extra_args += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+            qmp_socket = vm.add_qmp(workdir / f"qmp-{role}.sock")
             sides.append(Side(role, vm, qmp_socket, port))
         self.source, self.destination = sides
         self.destination.vm.extra_args += ["-incoming", f"unix:{self.incoming}", "-S"]

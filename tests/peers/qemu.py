@@ -405,6 +405,11 @@ class QemuVM:
         """Pass a file to the guest at /sys/firmware/qemu_fw_cfg/by_name/opt/NAME/raw."""
         self.extra_args += ["-fw_cfg", f"name=opt/{name},file={path}"]
 
+    def add_qmp(self, socket: Path) -> Path:
+        """Serve QMP on the Unix socket `socket` (connect with peers.qmp.Qmp); returns it."""
+        self.extra_args += ["-qmp", f"unix:{check_socket_path(socket)},server=on,wait=off"]
+        return socket
+
     def add_trace(self, path: Path, *events: str) -> None:
         """Log QEMU's own trace `events` (e.g. vhost_user_write) to `path`, one line each."""
         for event in events:
