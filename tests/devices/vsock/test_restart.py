@@ -98,10 +98,20 @@ def test_stopping_the_rx_ring_does_not_wait(guest: Guest, caplog: pytest.LogCapt
 def _restart_rings(guest: Guest, *, keep: bool) -> None:
     """GET_VRING_BASE on every ring, then start them again on the same connection: where they
     were (``keep``, as QEMU does around a VM stop) or from 0 with a new driver side."""
+    _stop_rings(guest)
+    _start_rings(guest, keep=keep)
+
+
+def _stop_rings(guest: Guest) -> None:
+    fe = guest.session.frontend
+    for q in guest.session.queues:
+        fe.get_vring_base(q.index)
+
+
+def _start_rings(guest: Guest, *, keep: bool) -> None:
+    """Start every ring again, rx first (as QEMU does)."""
     session = guest.session
     fe = session.frontend
-    for q in session.queues:
-        fe.get_vring_base(q.index)
     for q in session.queues:
         base = session._prepare_ring(q, keep=keep)
         assert q.ring is not None
@@ -142,3 +152,36 @@ def test_rings_restarted_at_zero_end_the_old_drivers_connections(
     assert "a new driver; the old one's connections end" in caplog.text
     assert not served.device.bridge.links and served.device.resets_sent == 0
     _new_connection_works(guest, host)
+
+
+def test_a_host_connect_made_between_drivers_reaches_the_new_one(
+    served: Served, guest: Guest, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old driver's connections end when the rings start again at 0, but a host CONNECT
+    made while no driver ran is the new driver's: its request, handed over on the rx ring before
+    the tx ring starts, is answered and the bytes flow."""
+    caplog.set_level(logging.INFO, "pyvhost.devices.vsock")
+    listener = host.listen(5000)
+    old_program = host.run(lambda: read_to_eof(host.accept(listener)))
+    old = guest.connect(5000)
+    guest.send_all(old, b"old driver")
+    guest.flush()
+    guest.endpoint.listen(6000)
+    _stop_rings(guest)
+    new_program = host.run(lambda: host.connect(6000, b"from the host"))
+    deadline = time.monotonic() + 5
+    while not any(
+        c.state is ConnectionState.CONNECTING for c in served.device.endpoint.connections.values()
+    ):
+        assert time.monotonic() < deadline, "the CONNECT never became a connection"
+        time.sleep(0.01)
+    _start_rings(guest, keep=False)
+    conn = guest.accept()
+    assert guest.receive(conn, len(b"from the host")) == b"from the host"
+    sock, line = new_program.result(10)
+    assert line.startswith(b"OK ")
+    guest.send_all(conn, b"to the host")
+    guest.flush()
+    assert read_exactly(sock, len(b"to the host")) == b"to the host"
+    assert old_program.result(10) == b"old driver"  # the old driver's connection ended
+    assert "the old one's connections end (1 kept: connecting)" in caplog.text

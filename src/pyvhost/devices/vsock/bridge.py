@@ -20,7 +20,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from pyvhost.devices.vsock.handshake import ConnectLine, HandshakeError
@@ -264,14 +264,24 @@ class UnixBridge:
     def detach_all(self) -> list[tuple[socket.socket, bool]]:
         """Under the lock: forget every bridged and greeting socket; returns each with whether it
         is watched, for :meth:`release` to unwatch and close without the lock held."""
-        found = [(link.sock, link.fd in self._reading) for link in self.links.values()]
+        found = self.detach_except(())
         found += [(g.sock, True) for g in self.greeters.values()]
-        for link in self.links.values():
-            self.waits.forget(link.fd)
-        self.links.clear()
-        self.by_key.clear()
         self.greeters.clear()
-        self._reading.clear()
+        return found
+
+    def detach_except(self, keep: Collection[ConnectionKey]) -> list[tuple[socket.socket, bool]]:
+        """Under the lock: forget the bridged sockets of connections not in ``keep`` (sockets
+        still greeting stay), returned as :meth:`detach_all` does."""
+        found = []
+        for fd, link in list(self.links.items()):
+            if link.conn.key in keep:
+                continue
+            found.append((link.sock, fd in self._reading))
+            self.waits.forget(fd)
+            self._reading.discard(fd)
+            del self.links[fd]
+            if self.by_key.get(link.conn.key) is link:
+                del self.by_key[link.conn.key]
         return found
 
     def release(self, sockets: list[tuple[socket.socket, bool]]) -> None:

@@ -39,6 +39,7 @@ from pyvhost.virtio.vsock import (
     VMADDR_PORT_ANY,
     ConnectionKey,
     ConnectionOptions,
+    ConnectionState,
     EventId,
     Op,
     VsockConfig,
@@ -144,12 +145,20 @@ class VsockDevice(Device):
 
     def _new_driver(self) -> None:
         """Both rings start at 0 (the tx ring starts after the rx ring): a driver that never ran,
-        with no connection to be told about; ours were its predecessor's."""
+        with no connection to be told about; ours were its predecessor's. Host connections still
+        waiting for the guest's answer stay: made while no driver ran, their request is for this
+        one (the rx ring, started first, may have handed it over already)."""
         self._reset_pending = False
-        if self.endpoint.connections:
-            log.info("rings start at 0: a new driver; the old one's connections end")
-            self.bridge.release(self.bridge.detach_all())
-            self.endpoint.transport_reset()
+        connections = self.endpoint.connections
+        keep = {k for k, c in connections.items() if c.state is ConnectionState.CONNECTING}
+        if len(connections) > len(keep):
+            log.info(
+                "rings start at 0: a new driver; the old one's connections end (%d kept: "
+                "connecting)",
+                len(keep),
+            )
+            self.bridge.release(self.bridge.detach_except(keep))
+            self.endpoint.transport_reset(keep=keep)
 
     def _transmitted(self, queue: DeviceQueue) -> None:
         endpoint = self.endpoint

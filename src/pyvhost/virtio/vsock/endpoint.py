@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
 from pyvhost.errors import ProtocolError, VsockError
@@ -144,12 +144,16 @@ class VsockEndpoint:
         deadlines = [c.deadline for c in self._connections.values() if c.deadline is not None]
         return min(deadlines, default=None)
 
-    def transport_reset(self, cid: int | None = None) -> None:
-        """TRANSPORT_RESET: every connection is CLOSED without a packet; listeners stay, and the
-        CID changes to ``cid`` if given (the guest re-reads its config after a migration)."""
-        for conn in self._connections.values():
-            conn.transport_reset()
-        self._connections.clear()
+    def transport_reset(
+        self, cid: int | None = None, *, keep: Collection[ConnectionKey] = ()
+    ) -> None:
+        """TRANSPORT_RESET: every connection but those in ``keep`` is CLOSED without a packet;
+        listeners stay, and the CID changes to ``cid`` if given (the guest re-reads its config
+        after a migration)."""
+        for key, conn in list(self._connections.items()):
+            if key not in keep:
+                conn.transport_reset()
+                del self._connections[key]
         self._accept.clear()
         self._replies.clear()
         if cid is not None:
