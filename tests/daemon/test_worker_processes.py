@@ -349,9 +349,7 @@ def test_sigkilled_worker_is_replaced_and_redoes_its_chains_in_flight() -> None:
             assert replacement != victim and replacement in children(pid)
             assert len(children(pid)) == 2
             for q, word in ((0, b"delta"), (1, b"other")):
-                head, out = rig.submit(q, [word], [16])
-                [(got, written)] = rig.wait_used(q, 1)
-                assert (got, rig.output(out, written)) == (head, word.upper())
+                _echoes(rig, q, word)
 
             # a worker that keeps dying is replaced RESPAWN_LIMIT times, then its queue fails
             for n in range(RESPAWN_LIMIT):
@@ -366,9 +364,7 @@ def test_sigkilled_worker_is_replaced_and_redoes_its_chains_in_flight() -> None:
             base = rig.fe.get_vring_base(0)
             assert base == 4  # the used index
             rig.fe.start_vring(0, rig.qsize, ring0.addr, base, ring0.kick, ring0.call)
-            head, out = rig.submit(0, [b"foxtrot"], [16])
-            [(got, written)] = rig.wait_used(0, 1)
-            assert (got, rig.output(out, written)) == (head, b"FOXTROT")
+            _echoes(rig, 0, b"foxtrot")
 
 
 def test_a_worker_killed_while_it_replaces_another_is_replaced_too() -> None:
@@ -376,8 +372,7 @@ def test_a_worker_killed_while_it_replaces_another_is_replaced_too() -> None:
         sock = workdir / "toy.sock"
         daemon = _toy(sock, workdir, "--workers", "2", "--worker-mode", "process")
         with daemon, Rig(str(sock), num_queues=2, inflight=True) as rig:
-            head, out = rig.submit(0, [b"alpha"], [16])
-            rig.wait_used(0, 1)
+            _echoes(rig, 0, b"alpha")
             first = _worker_pid(daemon, 0)
             os.kill(first, signal.SIGKILL)
             assert wait_for(lambda: _worker_pid(daemon, 0) != first, 10)
@@ -386,9 +381,7 @@ def test_a_worker_killed_while_it_replaces_another_is_replaced_too() -> None:
             assert wait_for(lambda: _worker_pid(daemon, 0) not in (first, second), 10)
             assert _output(daemon, f"worker 0 (pid {_worker_pid(daemon, 0)}) replaced worker 0")
             for word in (b"bravo", b"charlie"):
-                head, out = rig.submit(0, [word], [16])
-                [(got, written)] = rig.wait_used(0, 1)
-                assert (got, rig.output(out, written)) == (head, word.upper())
+                _echoes(rig, 0, word)
             assert not readable(rig.rings[0].err)
 
 
@@ -399,8 +392,7 @@ def test_sigkilled_worker_without_an_inflight_region_fails_its_queues() -> None:
         sock = workdir / "toy.sock"
         daemon = _toy(sock, workdir, "--workers", "2", "--worker-mode", "process")
         with daemon, Rig(str(sock), num_queues=2, inflight=False) as rig:
-            head, out = rig.submit(0, [b"alpha"], [16])
-            rig.wait_used(0, 1)
+            _echoes(rig, 0, b"alpha")
             pid = _daemon_pid(daemon)
             victim = _worker_pid(daemon, 0)
             os.kill(victim, signal.SIGKILL)
@@ -408,17 +400,20 @@ def test_sigkilled_worker_without_an_inflight_region_fails_its_queues() -> None:
             assert wait_for(lambda: readable(ring0.err), 10)
             assert _output(daemon, "queues [0] have no inflight region")
             assert len(children(pid)) == 1
-            head, out = rig.submit(1, [b"other"], [16])
-            [(got, written)] = rig.wait_used(1, 1)
-            assert (got, rig.output(out, written)) == (head, b"OTHER")
+            _echoes(rig, 1, b"other")
             assert rig.fe is not None
             base = rig.fe.get_vring_base(0)
             assert base == 1
             rig.fe.start_vring(0, rig.qsize, ring0.addr, base, ring0.kick, ring0.call)
-            head, out = rig.submit(0, [b"bravo"], [16])
-            [(got, written)] = rig.wait_used(0, 1)
-            assert (got, rig.output(out, written)) == (head, b"BRAVO")
+            _echoes(rig, 0, b"bravo")
             assert victim not in children(pid) and len(children(pid)) == 2
+
+
+def _echoes(rig: Rig, q: int, word: bytes) -> None:
+    """Queue ``q`` answers ``word`` upper-cased (the toy device is serving it)."""
+    head, out = rig.submit(q, [word], [16])
+    [(got, written)] = rig.wait_used(q, 1)
+    assert (got, rig.output(out, written)) == (head, word.upper())
 
 
 def _daemon_pid(peer: PeerProcess) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -137,15 +138,22 @@ def test_rings_restarted_where_they_were_keep_the_connections(
     assert guest.driver.transport_resets == 0 and served.device.resets_sent == 0
 
 
-def test_rings_restarted_at_zero_end_the_old_drivers_connections(
-    served: Served, guest: Guest, host: Host, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, "pyvhost.devices.vsock")
+def _old_drivers_connection(guest: Guest, host: Host) -> Future[bytes]:
+    """A guest connection to a host program that reads until end of file; it has b"old driver"
+    to read."""
     listener = host.listen(5000)
     program = host.run(lambda: read_to_eof(host.accept(listener)))
     conn = guest.connect(5000)
     guest.send_all(conn, b"old driver")
     guest.flush()
+    return program
+
+
+def test_rings_restarted_at_zero_end_the_old_drivers_connections(
+    served: Served, guest: Guest, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "pyvhost.devices.vsock")
+    program = _old_drivers_connection(guest, host)
     _restart_rings(guest, keep=False)
     guest.until(program.done, what="the old connection's end")
     assert program.result() == b"old driver"
@@ -161,11 +169,7 @@ def test_a_host_connect_made_between_drivers_reaches_the_new_one(
     made while no driver ran is the new driver's: its request, handed over on the rx ring before
     the tx ring starts, is answered and the bytes flow."""
     caplog.set_level(logging.INFO, "pyvhost.devices.vsock")
-    listener = host.listen(5000)
-    old_program = host.run(lambda: read_to_eof(host.accept(listener)))
-    old = guest.connect(5000)
-    guest.send_all(old, b"old driver")
-    guest.flush()
+    old_program = _old_drivers_connection(guest, host)
     guest.endpoint.listen(6000)
     _stop_rings(guest)
     new_program = host.run(lambda: host.connect(6000, b"from the host"))

@@ -199,8 +199,12 @@ class PackedQueue(RingQueue):
     def has_available(self) -> bool:
         """Whether the driver made the descriptor at :attr:`last_avail_idx` available."""
         self._check_broken()
-        flags = self._ring16[(self._avail << 3) + FLAGS]
-        return (flags & BOTH) == (DESC_F_AVAIL if self._avail_wrap else DESC_F_USED)
+        return self._available_at(self._avail, self._avail_wrap)
+
+    def _available_at(self, pos: int, wrap: bool) -> bool:
+        """Whether the descriptor at ring position ``pos`` is available under wrap ``wrap``."""
+        flags = self._ring16[(pos << 3) + FLAGS]
+        return (flags & BOTH) == (DESC_F_AVAIL if wrap else DESC_F_USED)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None."""
@@ -618,16 +622,9 @@ class PackedQueue(RingQueue):
             wrap = not wrap
         self._avail, self._avail_wrap = pos, wrap
         self._notify_enabled = False
-        if self.event_idx:
-            off_wrap = reached | reached_wrap << EVENT_WRAP_SHIFT
-            self._set_device_event(off_wrap, RING_EVENT_FLAGS_DESC)
-        else:
-            self._device_event16[1] = RING_EVENT_FLAGS_ENABLE
-            if self._log_used:
-                self._mem.log_write(self.areas.device + 2, 2)
+        self._arm_kick(reached, reached_wrap)
         full_barrier()
-        flags = self._ring16[(reached << 3) + FLAGS]
-        return (flags & BOTH) == (DESC_F_AVAIL if reached_wrap else DESC_F_USED)
+        return self._available_at(reached, reached_wrap)
 
     def _build(self, descs: list[tuple[int, int, int, int]], where: str) -> DescriptorChain:
         """Validate the ring descriptors of one chain and map its buffers."""
@@ -957,12 +954,16 @@ class PackedQueue(RingQueue):
         """
         self._check_broken()
         self._notify_enabled = True
+        self._arm_kick(self._avail, self._avail_wrap)
+        full_barrier()  # the driver sees kicks enabled before we look at the ring again
+        return self._available_at(self._avail, self._avail_wrap)
+
+    def _arm_kick(self, pos: int, wrap: bool) -> None:
+        """Ask the driver to kick: for the descriptor at ``pos`` (flags DESC) with EVENT_IDX,
+        for any (flags ENABLE) without."""
         if self.event_idx:
-            off_wrap = self._avail | self._avail_wrap << EVENT_WRAP_SHIFT
-            self._set_device_event(off_wrap, RING_EVENT_FLAGS_DESC)
+            self._set_device_event(pos | wrap << EVENT_WRAP_SHIFT, RING_EVENT_FLAGS_DESC)
         else:
             self._device_event16[1] = RING_EVENT_FLAGS_ENABLE
             if self._log_used:
                 self._mem.log_write(self.areas.device + 2, 2)
-        full_barrier()  # the driver sees kicks enabled before we look at the ring again
-        return self.has_available()

@@ -706,10 +706,7 @@ class SplitQueue(RingQueue):
         self._last_avail = (self._last_avail - n) & 0xFFFF
         seen = self._shadow_avail
         self._notify_enabled = False
-        if self.event_idx:
-            self._set_avail_event(seen)
-        else:
-            self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
+        self._arm_kick(seen)
         full_barrier()
         return bool(self._avail[1] != seen)
 
@@ -924,9 +921,14 @@ class SplitQueue(RingQueue):
         """Ask the driver to kick again; True if chains are available (process them first)."""
         self._check_broken()
         self._notify_enabled = True
-        if self.event_idx:
-            self._set_avail_event(self._last_avail)
-        else:
-            self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
+        self._arm_kick(self._last_avail)
         full_barrier()
         return self._avail_entries() > 0
+
+    def _arm_kick(self, index: int) -> None:
+        """Ask the driver to kick: once its avail.idx passes ``index`` (avail_event) with
+        EVENT_IDX, for any entry (NO_NOTIFY cleared) without."""
+        if self.event_idx:
+            self._set_avail_event(index)
+        else:
+            self._set_used_flags(self._used[0] & ~VRING_USED_F_NO_NOTIFY)
