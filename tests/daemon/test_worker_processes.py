@@ -409,6 +409,29 @@ def test_sigkilled_worker_without_an_inflight_region_fails_its_queues() -> None:
             assert victim not in children(pid) and len(children(pid)) == 2
 
 
+def test_a_replacement_that_fails_fails_the_queues(
+    sock: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong while replacing a dead worker, its queues are not left hanging: the
+    front-end is told (err eventfd) and the reason logged."""
+
+    def broken(self: ProcessLoop, dead: object) -> object:
+        raise RuntimeError("replacement broken on purpose")
+
+    monkeypatch.setattr(ProcessLoop, "_restart", broken)
+    with (
+        serve(Upper(), sock, "process").run_in_thread() as daemon,
+        Rig(sock, num_queues=2, inflight=True) as rig,
+    ):
+        _echoes(rig, 0, b"alpha")
+        victim = worker_pids(daemon)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: readable(rig.rings[0].err), 10)
+        assert not readable(rig.rings[1].err)
+        _echoes(rig, 1, b"other")
+    assert "replacing worker 0" in caplog.text and "broken on purpose" in caplog.text
+
+
 def _echoes(rig: Rig, q: int, word: bytes) -> None:
     """Queue ``q`` answers ``word`` upper-cased (the toy device is serving it)."""
     head, out = rig.submit(q, [word], [16])

@@ -437,6 +437,8 @@ class ProcessLoop:
                     child, failed = self._restart(dead)
                 except Exception:
                     log.exception("%s: replacing %s failed", self.name, dead)
+                    with self._lock:
+                        failed = [q for q in self._queues.values() if q.child is dead and q.failed]
             for q in failed:
                 with contextlib.suppress(Exception):
                     q.notifier.error()
