@@ -9,6 +9,9 @@ import pytest
 
 pytest_plugins = ["peers.fixtures"]
 
+# A Python peer that PeerProcess has to abort writes every thread's stack to its stderr.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 def _open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}

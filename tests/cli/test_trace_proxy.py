@@ -341,6 +341,17 @@ def test_stop_ends_the_session_and_removes_the_socket(rig: Rig) -> None:
     assert not os.path.exists(rig.listen_path)
 
 
+def test_stop_before_serve_makes_serve_return_at_once(tmp: Path) -> None:
+    """A signal handled between start() and the serving thread's first step is not a failure."""
+    proxy = TraceProxy(tmp / "t.sock", tmp / "b.sock", lambda e: None)
+    proxy.start()
+    proxy.stop()
+    assert proxy.serve() == 0
+    assert not (tmp / "t.sock").exists()
+    with pytest.raises(RuntimeError, match="stopped"):
+        proxy.start()
+
+
 def test_unreachable_backend_drops_the_frontend(tmp: Path) -> None:
     proxy = TraceProxy(tmp / "t.sock", tmp / "missing.sock", lambda e: None, connect_timeout=0.2)
     thread = threading.Thread(target=proxy.serve, args=(1,), daemon=True)
@@ -469,22 +480,32 @@ def _scripted_backend(conn: Connection, log_base_reply: bytes) -> threading.Thre
     return thread
 
 
-def _frontend_through(rig: Rig, log_base_reply: bytes) -> tuple[Frontend, Connection]:
+def _frontend_through(
+    rig: Rig, log_base_reply: bytes
+) -> tuple[Frontend, Connection, threading.Thread]:
+    """A front-end through the proxy to a scripted back-end and the back-end's thread."""
     front, back = rig.connect()
     backend = Connection(back)
-    _scripted_backend(backend, log_base_reply)
+    thread = _scripted_backend(backend, log_base_reply)
     fe = Frontend(Connection(front), reply_timeout=TIMEOUT)
     fe.get_features()
     fe.get_protocol_features()
     fe.set_protocol_features(1 << ProtocolFeature.LOG_SHMFD)
-    return fe, backend
+    return fe, backend, thread
+
+
+def _close(fe: Frontend, backend: Connection, thread: threading.Thread) -> None:
+    """Close the front-end, let the back-end's thread see the EOF, then close its socket."""
+    fe.close()
+    thread.join(TIMEOUT)
+    backend.close()
 
 
 @pytest.mark.parametrize(("raw", "details"), LOG_BASE_REPLIES.values(), ids=LOG_BASE_REPLIES.keys())
 def test_every_set_log_base_reply_form_is_relayed_and_decoded(
     rig: Rig, raw: bytes, details: str
 ) -> None:
-    fe, backend = _frontend_through(rig, raw)
+    fe, backend, thread = _frontend_through(rig, raw)
     try:
         memfd = os.memfd_create("log")
         try:
@@ -494,8 +515,7 @@ def test_every_set_log_base_reply_form_is_relayed_and_decoded(
         assert fe.get_features() == 1 << 30  # the session goes on
         assert not fe.closed
     finally:
-        fe.close()
-        backend.close()
+        _close(fe, backend, thread)
     events = rig.wait_events(9)  # GET_FEATURES, GET/SET_PROTOCOL_FEATURES, then these
     request, reply = events[5], events[6]
     assert (request.request, request.is_reply, request.fds) == ("SET_LOG_BASE", False, 1)
@@ -510,7 +530,7 @@ def test_every_set_log_base_reply_form_is_relayed_and_decoded(
 
 def test_set_log_base_reply_of_another_size_is_relayed_and_reported(rig: Rig) -> None:
     raw = encode_header(Request.SET_LOG_BASE, 0x5, 5) + bytes(5)
-    fe, backend = _frontend_through(rig, raw)
+    fe, backend, thread = _frontend_through(rig, raw)
     try:
         memfd = os.memfd_create("log")
         try:
@@ -519,8 +539,7 @@ def test_set_log_base_reply_of_another_size_is_relayed_and_reported(rig: Rig) ->
         finally:
             os.close(memfd)
     finally:
-        fe.close()
-        backend.close()
+        _close(fe, backend, thread)
     reply = rig.wait_events(7)[6]
     assert reply.is_reply and reply.data == raw
     assert "reply size 5 is wrong" in (reply.error or "")

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,10 @@ SOCKET_PATH_MAX = 107
 """Longest AF_UNIX path Linux accepts (108 bytes including the terminating NUL)."""
 
 STDERR_TAIL = 4000
+
+KILL_AFTER = 15
+"""Seconds `timeout` waits after its SIGTERM (or ours, which it forwards) before SIGKILL: longer
+than stop()'s grace, so that stop() can still say what a peer that does not end is doing."""
 
 
 class PeerError(RuntimeError):
@@ -87,8 +92,54 @@ def _tail(path: Path, limit: int = STDERR_TAIL) -> str:
     return ("...\n" if len(data) > limit else "") + text
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The processes whose process group is ``pgid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _read(Path(f"/proc/{entry}/stat"))
+            if stat and int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+                pids.append(int(entry))
+    return sorted(pids)
+
+
+def group_report(pgid: int) -> str:
+    """What each process of group ``pgid`` is doing: state, wait channel and kernel stack of
+    every thread, so that a peer that does not stop says why (blocked in the kernel, stopped,
+    or running)."""
+    lines = []
+    for pid in group_pids(pgid):
+        cmdline = " ".join(_read(Path(f"/proc/{pid}/cmdline")).replace("\0", " ").split())
+        lines.append(f"pid {pid} ({cmdline[:120]})")
+        with contextlib.suppress(OSError):
+            for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+                task = Path(f"/proc/{pid}/task/{tid}")
+                tstat = _read(task / "stat")
+                if not tstat:
+                    continue
+                comm = tstat[tstat.index("(") + 1 : tstat.rindex(")")]
+                state = tstat[tstat.rindex(")") + 2 :].split()[0]
+                frames = [
+                    line.split("] ", 1)[-1].split("+")[0]
+                    for line in _read(task / "stack").split("\n")
+                    if line
+                ]
+                lines.append(
+                    f"  tid {tid} {comm!r} state {state} wchan {_read(task / 'wchan') or '-'} "
+                    f"stack {' < '.join(frames[:6]) or '-'}"
+                )
+    return "\n".join(lines) or f"no process left in group {pgid}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 class PeerProcess:
-    """One peer program run as `timeout -k 5 T argv...` in its own process group.
+    """One peer program run as `timeout -k KILL_AFTER T argv...` in its own process group.
 
     stdout and stderr go to files in `workdir` (no pipe can fill up and stall the peer).
     Usable for any back-end, e.g. `PeerProcess([sys.executable, "-m", "pyvhost", ...], ...)`.
@@ -121,7 +172,7 @@ class PeerProcess:
         timeout = find_binary("timeout")
         if timeout is None:
             raise PeerError("timeout not installed: apt-get install coreutils")
-        return [timeout, "-k", "5", f"{self.timeout_s:g}", *self.argv]
+        return [timeout, "-k", str(KILL_AFTER), f"{self.timeout_s:g}", *self.argv]
 
     @property
     def stdout(self) -> str:
@@ -193,11 +244,26 @@ class PeerProcess:
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
+                self._report_stuck(f"not gone {grace:g} s after SIGTERM")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(grace)
         self._close_files()
         return self.proc.returncode
+
+    def _report_stuck(self, what: str) -> None:
+        """Say what the group's processes are doing; then SIGABRT its Python processes, which
+        with PYTHONFAULTHANDLER=1 (tests/conftest.py) write every thread's stack to stderr."""
+        assert self.proc is not None
+        report = group_report(self.proc.pid)
+        with contextlib.suppress(OSError), open(self.stderr_path, "a") as err:
+            err.write(f"\n[test harness] {what}:\n{report}\n")
+        for pid in group_pids(self.proc.pid):
+            with contextlib.suppress(OSError):
+                if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("python"):
+                    os.kill(pid, signal.SIGABRT)
+        time.sleep(1)
+        print(f"{self.name}: {what}\nstderr:\n{_tail(self.stderr_path)}", file=sys.stderr)
 
     def _close_files(self) -> None:
         for f in self._files:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
 from .guest import GuestAssets, boot_guest, parse_result
-from .qemu import PeerError, QemuStorageDaemon, QemuVM, make_raw_image, require
+from .qemu import PeerError, PeerProcess, QemuStorageDaemon, QemuVM, make_raw_image, require
 
 HEADER = struct.Struct("<III")
 GET_FEATURES = 1
@@ -75,6 +77,27 @@ def test_parse_result_needs_both_markers_and_exit_code() -> None:
     assert parse_result(text) == (7, "line 1\nlast")
     assert parse_result("PYVHOST-RESULT-BEGIN\nhalf way") is None
     assert parse_result("PYVHOST-RESULT-BEGIN\nx\nPYVHOST-RESULT-END\n") is None
+
+
+def test_a_peer_that_ignores_sigterm_is_described_then_killed(
+    peer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stop() says what a stuck peer was doing (kernel state and Python stacks), then kills it."""
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', file=sys.stderr, flush=True)\n"
+        "def stuck_here():\n    time.sleep(60)\n"
+        "stuck_here()\n"
+    )
+    with PeerProcess([sys.executable, "-c", script], peer_dir, name="stuck") as peer:
+        while "ready" not in peer.stderr:
+            assert peer.returncode is None
+        assert peer.stop(grace=0.5) in (-signal.SIGABRT, -signal.SIGKILL)
+    said = capsys.readouterr().err
+    assert "stuck: not gone 0.5 s after SIGTERM" in said
+    assert "state S wchan hrtimer_nanosleep" in said
+    assert "in stuck_here" in said  # faulthandler's dump of the Python stack
 
 
 def test_vm_command_line_for_vhost_user_devices(tmp_path: Path) -> None:

@@ -158,17 +158,21 @@ def _run(args: argparse.Namespace, writer: TraceWriter) -> int:
         finally:
             done.set()
 
+    signalled: list[int] = []
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("trace: %s, stopping", signal.Signals(signum).name)
-        done.set()
+        # Only a list append: the main thread may be inside done.wait(), holding its lock.
+        signalled.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=serve, name="trace-serve", daemon=True)
     log.info("trace: listening on %s, back-end %s", args.listen, args.connect)
     thread.start()
     try:
-        while not done.wait(0.2):
+        while not signalled and not done.wait(0.2):
             pass
+        if signalled:
+            log.info("trace: %s, stopping", signal.Signals(signalled[0]).name)
     finally:
         proxy.stop()
         thread.join()

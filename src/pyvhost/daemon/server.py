@@ -239,27 +239,50 @@ class Daemon:
     def run(self) -> None:
         """serve_forever with SIGTERM / SIGINT handlers installed (main thread only).
 
+        The handler only writes the signal's number to a pipe; a thread reads it and calls
+        :meth:`shutdown`. Python runs a handler in the main thread between two bytecodes, maybe
+        while that thread holds a lock shutdown() needs (the daemon's, an Event's), so a handler
+        that stopped the daemon itself could wait forever for its own thread.
+
         The previous handlers come back when the daemon stops on its own; after a stop by signal
-        ours stay, so that a repeat of the signal (``timeout`` sends SIGTERM to its child and
+        the signals stay ignored, so that a repeat (``timeout`` sends SIGTERM to its child and
         then to the whole process group) cannot kill the process while it exits cleanly.
         """
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
         signalled: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            if signalled:
-                log.debug("%s: %s again while stopping", self.name, signal.Signals(signum).name)
-                return
             signalled.append(signum)
-            log.info("%s: %s received", self.name, signal.Signals(signum).name)
-            self.shutdown()
+            with contextlib.suppress(OSError):  # a full pipe already holds a stop
+                os.write(write_fd, bytes([signum]))
 
+        watcher = threading.Thread(
+            target=self._watch_signals, args=(read_fd,), name=f"signals-{self.name}", daemon=True
+        )
+        watcher.start()
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.serve_forever()
         finally:
-            if not signalled:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, _ignore_signal if signalled else handler)
+            os.close(write_fd)
+            watcher.join()
+            os.close(read_fd)
+
+    def _watch_signals(self, read_fd: int) -> None:
+        """Stop the daemon on the first signal run() recorded; until run() closes the pipe."""
+        seen = 0
+        while data := os.read(read_fd, 16):
+            for signum in data:
+                name = signal.Signals(signum).name
+                if seen:
+                    log.debug("%s: %s again while stopping", self.name, name)
+                else:
+                    log.info("%s: %s received", self.name, name)
+                    self.shutdown()
+                seen += 1
 
     @contextlib.contextmanager
     def run_in_thread(self, timeout: float = 10.0) -> Iterator[Daemon]:
@@ -278,6 +301,10 @@ class Daemon:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("%s: daemon thread did not stop within %gs", self.name, timeout)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """What SIGTERM / SIGINT do once a signal has stopped the daemon: nothing."""
 
 
 def _check_process_mode(device: object) -> None:

@@ -452,17 +452,23 @@ class TraceProxy:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("trace proxy is stopped")
-            if self._listener is None:
-                self._listener = Listener(self.listen_path)
-                self._wake = os.pipe()
+            self._open_locked()
+
+    def _open_locked(self) -> None:
+        if self._listener is None:
+            self._listener = Listener(self.listen_path)
+            self._wake = os.pipe()
 
     def serve(self, max_sessions: int | None = None) -> int:
         """Relay front-ends until stop() or ``max_sessions`` have ended; return how many did.
 
-        The listening socket is removed when this returns.
+        A stop() that comes before serve() (a signal while its thread starts) makes it return at
+        once. The listening socket is removed when this returns.
         """
-        self.start()
         with self._lock:
+            if self._stopping:
+                return self.sessions
+            self._open_locked()
             self._serving = True
         try:
             while max_sessions is None or self.sessions < max_sessions:
