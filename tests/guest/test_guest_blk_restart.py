@@ -223,7 +223,6 @@ def _first_difference(a: bytes, b: bytes) -> int | None:
         ("split", "in_flight", "thread"),
         ("split", "idle", "thread"),
         ("packed", "in_flight", "thread"),
-        ("packed", "idle", "thread"),
         ("split", "in_flight", "process"),
         ("packed", "in_flight", "process"),
         ("split", "in_flight", "worker"),

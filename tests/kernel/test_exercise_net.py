@@ -2,7 +2,8 @@
 (tests/peers/kernel_runner.py): the kernel's vhost-net moves frames both ways between rings this
 process owns and a TAP, every byte compared.
 
-One run (one guest boot) does every variant (about 2 s each under TCG) and reports JSON per variant.
+One run (one guest boot) does every variant, each a `pyvhost exercise net` command run in that
+script's process, and reports JSON per variant.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from peers.kernel_runner import KernelRunner
+from peers.kernel_runner import CLI_IN_PROCESS, KernelRunner
 from pyvhost.kernel.devices import VHOST_NET_F_VIRTIO_NET_HDR
 from pyvhost.virtio import features as vf
 
@@ -32,27 +33,24 @@ VARIANTS: dict[str, list[str]] = {
     "small-ring": ["--size", "300", "--queue-size", "16"],
 }
 
-SCRIPT = textwrap.dedent(
+SCRIPT = CLI_IN_PROCESS + textwrap.dedent(
     """
     import json, os, subprocess, sys
 
     variants = json.loads(sys.argv[1])
     frames = sys.argv[2]
-    out = {}
+    out = {"fds_before": sorted(os.listdir("/proc/self/fd"))}
     for name, extra in variants.items():
-        cmd = [sys.executable, "-m", "pyvhost", "exercise", "net", "--kernel", "/dev/vhost-net",
-               "--tap", "pvt0", "--frames", frames, "--json", *extra]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
-    bad = [sys.executable, "-m", "pyvhost", "exercise", "net", "--tap", "pvt1"]
+        out[name] = pyvhost("exercise", "net", "--kernel", "/dev/vhost-net", "--tap", "pvt0",
+                            "--frames", frames, "--json", *extra)
+    bad = ["exercise", "net", "--tap", "pvt1"]
     for name, extra in {
         "missing-device": ["--kernel", "/dev/vhost-none"],
         "not-vhost": ["--kernel", "/dev/null"],
         "bad-tap-name": ["--kernel", "/dev/vhost-net", "--tap", "x" * 20],
         "oversized": ["--kernel", "/dev/vhost-net", "--size", "1515"],
     }.items():
-        p = subprocess.run(bad + extra, capture_output=True, text=True, timeout=60)
-        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
+        out[name] = pyvhost(*bad, *extra)
     out["fds_left"] = sorted(os.listdir("/proc/self/fd"))
     out["links"] = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     print(json.dumps(out))
@@ -128,5 +126,6 @@ def test_bad_input_exits_1_with_the_reason(runs: dict[str, Any], name: str, mess
 
 
 def test_nothing_left_behind(runs: dict[str, Any]) -> None:
+    assert runs["fds_left"] == runs["fds_before"], "every exercise closed the fds it opened"
     assert "pvt0" not in runs["links"], "the TAP the exercise created is gone with it"
     assert "pvt1" not in runs["links"]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from peers import lio
-from peers.kernel_runner import KernelRunner
+from peers.kernel_runner import CLI_IN_PROCESS, KernelRunner
 from pyvhost.cli.exercise_scsi import pattern
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
@@ -22,19 +22,17 @@ pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 IOS = 40
 WRONG_WWPN = "naa.5001405deadbeef0"
 
-SCRIPT = textwrap.dedent(
+SCRIPT = CLI_IN_PROCESS + textwrap.dedent(
     """
-    import json, os, subprocess, sys
+    import json, os, sys
     sys.path.insert(0, os.environ["PYGUEST_FILES"])
     import lio
 
     ios = sys.argv[1]
     out = {"fds_before": len(os.listdir("/proc/self/fd"))}
-    base = [sys.executable, "-m", "pyvhost", "exercise", "scsi", "--kernel", "/dev/vhost-scsi"]
 
     def run(name, *extra):
-        p = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=120)
-        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
+        out[name] = pyvhost("exercise", "scsi", "--kernel", "/dev/vhost-scsi", *extra)
 
     with lio.vhost_target(size_mib=8) as target:
         run("json", "--wwpn", target.wwpn, "--ios", ios, "--json")

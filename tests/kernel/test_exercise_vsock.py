@@ -12,23 +12,21 @@ from typing import Any
 
 import pytest
 
-from peers.kernel_runner import KernelRunner
+from peers.kernel_runner import CLI_IN_PROCESS, KernelRunner
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
 MIB = 1 << 20
 
-SCRIPT = textwrap.dedent(
+SCRIPT = CLI_IN_PROCESS + textwrap.dedent(
     """
-    import json, os, subprocess, sys
+    import json, os
     from pyvhost.kernel import VhostVsock
 
     out = {"fds_before": len(os.listdir("/proc/self/fd"))}
-    base = [sys.executable, "-m", "pyvhost", "exercise", "vsock", "--kernel", "/dev/vhost-vsock"]
 
     def run(name, *extra):
-        p = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=120)
-        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
+        out[name] = pyvhost("exercise", "vsock", "--kernel", "/dev/vhost-vsock", *extra)
 
     run("streams", "--guest-cid", "7", "--bytes", str(3 << 20), "--json")
     run("again-at-once", "--guest-cid", "7", "--bytes", "200000", "--json")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from peers.kernel_runner import KernelRunner
+from peers.kernel_runner import CLI_IN_PROCESS, KernelRunner
 
 pytestmark = [pytest.mark.kernel, pytest.mark.guest]
 
@@ -142,7 +142,7 @@ def test_the_tap_goes_with_the_device(run: dict[str, Any]) -> None:
     assert run["tap_left"] is False
 
 
-CLI_SCRIPT = textwrap.dedent(
+CLI_SCRIPT = CLI_IN_PROCESS + textwrap.dedent(
     """
     import json, os, subprocess, sys, time
     serve = subprocess.Popen(
@@ -154,19 +154,13 @@ CLI_SCRIPT = textwrap.dedent(
         time.sleep(0.05)
     out = {}
     for name, extra in {"split": [], "no-mrg": ["--no-mrg-rxbuf"]}.items():
-        p = subprocess.run(
-            [sys.executable, "-m", "pyvhost", "exercise", "net", "--socket", "/tmp/k.sock",
-             "--tap", "pvs0", "--frames", "100", "--size", "900", "--json", *extra],
-            capture_output=True, text=True, timeout=120)
-        out[name] = {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr[-3000:]}
+        out[name] = pyvhost("exercise", "net", "--socket", "/tmp/k.sock", "--tap", "pvs0",
+                            "--frames", "100", "--size", "900", "--json", *extra)
     serve.terminate()
     _, err = serve.communicate(timeout=30)
     out["serve"] = {"rc": serve.returncode, "stderr": err[-4000:]}
-    bad = subprocess.run(
-        [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", "/tmp/b.sock",
-         "--backend", "loopback", "--kernel", "/dev/vhost-net"],
-        capture_output=True, text=True, timeout=60)
-    out["no-tap"] = {"rc": bad.returncode, "stderr": bad.stderr}
+    out["no-tap"] = pyvhost("serve", "net", "--socket", "/tmp/b.sock", "--backend", "loopback",
+                            "--kernel", "/dev/vhost-net")
     print(json.dumps(out))
     """
 )

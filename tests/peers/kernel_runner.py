@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,29 @@ MODULE_PATHS: dict[str, str] = {
     "target_core_mod": "/sys/kernel/config/target",
 }
 """What each module provides: the paths a script needs by default, named when one is missing."""
+CLI_IN_PROCESS = textwrap.dedent(
+    """
+    import contextlib as _contextlib, io as _io, logging as _logging, traceback as _traceback
+    from pyvhost.cli.main import main as _pyvhost_main
+
+    def pyvhost(*argv):
+        \"\"\"`pyvhost ARGV` run in this process: {"rc", "stdout", "stderr"}.\"\"\"
+        out, err = _io.StringIO(), _io.StringIO()
+        _logging.root.handlers.clear()  # the command's logging goes to this err
+        with _contextlib.redirect_stdout(out), _contextlib.redirect_stderr(err):
+            try:
+                rc = _pyvhost_main([str(a) for a in argv])
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else 1
+            except Exception:
+                _traceback.print_exc()
+                rc = 1
+        return {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()[-3000:]}
+    """
+)
+"""Put before a kernel script that runs pyvhost commands: its ``pyvhost(*argv)`` runs one in the
+script's own process, as the console script would (exit status, stdout, stderr). Under TCG a new
+interpreter costs seconds, and the script can then check that each command closed its fds."""
 CONFIGFS = "/sys/kernel/config"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SETUP_FAILED = 125

@@ -30,10 +30,10 @@ GUEST_RAM_MEMFD = "/memfd:memory-backend-memfd"
 SIDE_FW_CFG = "pyvhost-side"
 SIDE_PATH = f"/sys/firmware/qemu_fw_cfg/by_name/opt/{SIDE_FW_CFG}/raw"
 SIDES = {"source": "source", "destination": "target"}
+"""What `SIDE_PATH` reads on each side (the same length on both)."""
 HOLD_BANDWIDTH = 256 << 10
 """Bytes/s while a migration is held (`MigrationPair.migrate`): a dirty page then takes 16 ms to
 send, ample time for a busy guest to dirty another before the next sync."""
-"""What `SIDE_PATH` reads on each side (the same length on both)."""
 
 
 class Side:

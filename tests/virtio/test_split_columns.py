@@ -238,7 +238,7 @@ def tables(draw: st.DrawFn, base: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     data=st.data(),
     where=st.sampled_from(sorted(BASES)),
