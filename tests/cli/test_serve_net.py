@@ -70,6 +70,7 @@ def test_exercise_finds_a_loopback_that_loses_frames(peer_dir: Path) -> None:
         (["--backend", "loopback", "--tap", "x"], "not allowed with argument"),
         ([], "one of the arguments --tap --backend is required"),
         (["--tap", "a/b"], "interface name 'a/b'"),
+        (["--backend", "loopback", "--mtu", "20"], "MTU 20: must be 68..65535"),
     ],
 )
 def test_bad_serve_input_is_one_line(peer_dir: Path, args: list[str], message: str) -> None:

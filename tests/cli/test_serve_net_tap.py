@@ -1,8 +1,9 @@
 """``pyvhost serve net --tap`` for real, in a network namespace of our own (``unshare -n``: no
 frame reaches the host's network): ``exercise net --socket --tap`` sends frames both ways through
 the TAP, then a driver session checks the multiqueue TAP's queues follow the pairs in use, the
-offloads follow the acked features and the control queue, SEND_RARP puts a RARP on the wire, and
-pair 1 transmits."""
+offloads follow the acked features and the control queue, SEND_RARP puts a RARP on the wire,
+pair 1 transmits, and the TAP's MTU follows ``--mtu`` and NET_SET_MTU (only on a TAP the daemon
+created: one the host made is compared and left alone)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ SCRIPT = textwrap.dedent(
     TAP, MAC = "pvhn0", bytes.fromhex("02000000000a")
     out = {}
 
-    def linkinfo():
-        raw = subprocess.run(["ip", "-j", "-d", "link", "show", TAP], capture_output=True,
+    def link(name=TAP):
+        raw = subprocess.run(["ip", "-j", "-d", "link", "show", name], capture_output=True,
                              text=True, check=True).stdout
-        return json.loads(raw)[0]["linkinfo"]["info_data"]
+        return json.loads(raw)[0]
+
+    def linkinfo():
+        return link()["linkinfo"]["info_data"]
 
     def ethtool(cmd):
         buf = ctypes.create_string_buffer(struct.pack("II", cmd, 0))
@@ -63,6 +67,7 @@ SCRIPT = textwrap.dedent(
     def main(serve):
         until(lambda: os.path.exists(sock), 20)
         out["created"] = linkinfo()
+        out["mtu_created"] = link()["mtu"]
         ex = subprocess.run(
             [sys.executable, "-m", "pyvhost", "exercise", "net", "--socket", sock, "--tap", TAP,
              "--frames", "300", "--size", "700", "--timeout", "10", "--json"],
@@ -98,19 +103,42 @@ SCRIPT = textwrap.dedent(
             elif data == frame:
                 seen["pair1"] = True
         out.update(seen)
+        session.frontend.net_set_mtu(4000)
+        out["mtu_set"] = until(lambda: link()["mtu"] == 4000) and 4000 or link()["mtu"]
         session.close()
         serve.terminate()
         out["serve_rc"] = serve.wait(10)
 
+    def attached():
+        # A TAP the host made (MTU 1500): the daemon compares, warns, and leaves it alone.
+        subprocess.run(["ip", "tuntap", "add", "dev", "pvhn1", "mode", "tap", "vnet_hdr"],
+                       check=True)
+        with open(log + ".attached", "w") as err:
+            other = subprocess.Popen(
+                [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", sock + "2",
+                 "--tap", "pvhn1", "--mtu", "9000", "--stats-interval", "0"],
+                stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                until(lambda: os.path.exists(sock + "2"), 20)
+                out["mtu_attached"] = link("pvhn1")["mtu"]
+                other.terminate()
+                out["attached_rc"] = other.wait(10)
+            finally:
+                if other.poll() is None:
+                    other.kill()
+        out["mtu_after_attached"] = link("pvhn1")["mtu"]
+
     serve = subprocess.Popen(
         [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", sock, "--tap", TAP,
-         "--queues", "2", "--mac", "02:00:00:00:00:0a", "--stats-interval", "0"],
+         "--queues", "2", "--mac", "02:00:00:00:00:0a", "--stats-interval", "0",
+         "--mtu", "9000"],
         stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     try:
         main(serve)
     finally:
         if serve.poll() is None:
             serve.kill()
+    attached()
     print(json.dumps(out))
     """
 )
@@ -149,3 +177,10 @@ def test_tap_both_ways_queues_offloads_rarp(tmp_path: Path) -> None:
     assert "TAP pvhn0 created, 2 queue(s)" in served
     assert "RARP for 02:00:00:00:00:0a sent through tap pvhn0" in served
     assert "tap pvhn0 at exit: tx " in served
+    assert out["mtu_created"] == 9000, "a TAP the daemon creates takes --mtu"
+    assert out["mtu_set"] == 4000, "NET_SET_MTU reaches a TAP the daemon created"
+    assert "TAP pvhn0: MTU 4000" in served
+    assert out["mtu_attached"] == out["mtu_after_attached"] == 1500
+    assert out["attached_rc"] == 0
+    warned = Path(f"{log}.attached").read_text()
+    assert "TAP pvhn1 has MTU 1500, below the guest's 9000" in warned, warned

@@ -147,12 +147,13 @@ CLI_SCRIPT = CLI_IN_PROCESS + textwrap.dedent(
     import json, os, subprocess, sys, time
     serve = subprocess.Popen(
         [sys.executable, "-m", "pyvhost", "serve", "net", "--socket", "/tmp/k.sock",
-         "--tap", "pvs0", "--kernel", "/dev/vhost-net"],
+         "--tap", "pvs0", "--kernel", "/dev/vhost-net", "--mtu", "4000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not os.path.exists("/tmp/k.sock") and time.monotonic() < deadline:
         time.sleep(0.05)
-    out = {}
+    link = subprocess.run(["ip", "-j", "link", "show", "pvs0"], capture_output=True, text=True)
+    out = {"mtu": json.loads(link.stdout)[0]["mtu"] if link.returncode == 0 else link.stderr}
     for name, extra in {"split": [], "no-mrg": ["--no-mrg-rxbuf"]}.items():
         out[name] = pyvhost("exercise", "net", "--socket", "/tmp/k.sock", "--tap", "pvs0",
                             "--frames", "100", "--size", "900", "--json", *extra)
@@ -181,6 +182,11 @@ def test_serve_net_kernel_with_exercise_through_the_tap(cli: dict[str, Any], nam
     assert report["errors"] == 0 and report["tx_frames"] == 100 and report["rx_frames"] == 100
     assert "handed to /dev/vhost-net" in cli["serve"]["stderr"]
     assert cli["serve"]["rc"] == 0
+
+
+def test_serve_net_kernel_gives_the_tap_it_creates_the_mtu(cli: dict[str, Any]) -> None:
+    assert cli["mtu"] == 4000
+    assert "TAP pvs0: MTU 4000" in cli["serve"]["stderr"]
 
 
 def test_serve_net_kernel_needs_a_tap(cli: dict[str, Any]) -> None:

@@ -30,6 +30,19 @@ SCRIPT = textwrap.dedent(
     out["up_before"] = tap.is_up()
     tap.set_up()
     out["up_after"] = tap.is_up()
+    out["mtu_default"] = tap.mtu
+    tap.set_mtu(9000)
+    out["mtu_set"] = tap.mtu
+    out["mtu_ip"] = json.loads(subprocess.run(["ip", "-j", "link", "show", "pvh0"],
+                                              capture_output=True, text=True,
+                                              check=True).stdout)[0]["mtu"]
+    out["mtu_refused"] = {}
+    for bad in (20, 70000, 1 << 40):
+        try:
+            tap.set_mtu(bad)
+        except TapError as exc:
+            out["mtu_refused"][str(bad)] = str(exc)
+    out["mtu_kept"] = tap.mtu
     link = json.loads(subprocess.run(["ip", "-j", "-d", "link", "show", "pvh0"],
                                      capture_output=True, text=True, check=True).stdout)[0]
     out["linkinfo"] = link.get("linkinfo", {}).get("info_data", {})
@@ -78,6 +91,12 @@ def test_tap_create_offload_multiqueue_up_and_busy() -> None:
     info = out["linkinfo"]
     assert info.get("type") == "tap" and info.get("multi_queue") is True
     assert info.get("vnet_hdr") is True and info.get("pi") is False
+    assert out["mtu_default"] == 1500
+    assert out["mtu_set"] == out["mtu_ip"] == out["mtu_kept"] == 9000
+    refused = out["mtu_refused"]
+    einval = "TAP pvh0: SIOCSIFMTU: EINVAL (outside the MTUs the interface takes (68 to 65535 "
+    assert refused["20"] == refused["70000"] == einval + "for a TAP))"
+    assert refused[str(1 << 40)] == f"TAP pvh0: MTU {1 << 40} is not a positive 32-bit number"
     assert out["busy"].startswith("TAP pvh1: TUNSETIFF: EBUSY")
     assert out["reopened"] == "pvh1"
     assert out["left"] == ["lo"], "non-persistent TAPs go away with their fds"

@@ -71,7 +71,13 @@ def add_parser(
         "--mac", type=_mac, help="the guest's MAC (default: random, locally administered)"
     )
     net.add_argument("--queues", type=_count, default=1, metavar="N", help="queue pairs (1)")
-    net.add_argument("--mtu", type=_count, default=1500, metavar="N", help="MTU offered (1500)")
+    net.add_argument(
+        "--mtu",
+        type=_count,
+        default=1500,
+        metavar="N",
+        help="MTU offered to the guest, and given to a TAP this creates (1500)",
+    )
     net.add_argument(
         "--queue-size", type=_count, default=256, metavar="N", help="largest ring (256)"
     )
@@ -94,13 +100,18 @@ def add_parser(
 def factory(args: argparse.Namespace) -> Device | BackendDevice:
     """The :class:`~pyvhost.devices.net.NetDevice` the command line describes, or with
     ``--kernel`` the :class:`~pyvhost.devices.net.kernel.KernelNetDevice`."""
+    from pyvhost.devices.net.config import check_mtu
+
+    check_mtu(args.mtu)
     if args.kernel:
         return _kernel_factory(args)
     from pyvhost.devices.net import BACKENDS, NetBackend, NetDevice, TapBackend
 
     try:
         backend: NetBackend = (
-            TapBackend(args.tap, args.queues) if args.tap else BACKENDS[args.backend](args.queues)
+            TapBackend(args.tap, args.queues, mtu=args.mtu)
+            if args.tap
+            else BACKENDS[args.backend](args.queues)
         )
     except VhostError as exc:
         raise ValueError(str(exc)) from exc
@@ -119,6 +130,7 @@ def factory(args: argparse.Namespace) -> Device | BackendDevice:
 
 
 def _kernel_factory(args: argparse.Namespace) -> BackendDevice:
+    from pyvhost.devices.net.backends import apply_mtu, interface_exists
     from pyvhost.devices.net.kernel import KernelNetDevice
     from pyvhost.kernel.tap import Tap
 
@@ -126,13 +138,15 @@ def _kernel_factory(args: argparse.Namespace) -> BackendDevice:
         raise ValueError("--kernel needs --tap NAME: vhost-net moves frames to and from a TAP")
     if args.queues != 1:
         raise ValueError("--kernel serves one queue pair (--queues 1)")
+    owned = not interface_exists(args.tap)
     try:
         tap = Tap.open(args.tap)
-        tap.set_up()
     except VhostError as exc:
         raise ValueError(str(exc)) from exc
     try:
-        return KernelNetDevice(tap, args.kernel)
+        apply_mtu(tap, args.mtu, owned)
+        tap.set_up()
+        return KernelNetDevice(tap, args.kernel, owns_tap=owned)
     except VhostError as exc:
         tap.close()
         raise ValueError(str(exc)) from exc

@@ -37,6 +37,8 @@ TUNSETVNETHDRSZ = ioc(IOC_WRITE, _TUN_TYPE, 216, _INT)
 TUNSETQUEUE = ioc(IOC_WRITE, _TUN_TYPE, 217, _INT)
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
 """Socket ioctls from <linux/sockios.h> (not _IOC-encoded)."""
 
 IFF_UP = 0x1
@@ -55,6 +57,8 @@ TUN_F_UFO = 0x10
 _IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"={_IFNAMSIZ}sH22x")
 """struct ifreq with the short ifr_flags member of its union (40 bytes)."""
+_IFREQ_INT = struct.Struct(f"={_IFNAMSIZ}si20x")
+"""struct ifreq with the int ifr_mtu member of its union (40 bytes)."""
 
 
 class TapError(VhostError):
@@ -76,6 +80,8 @@ _MEANINGS = {
         errno.EBUSY,
     ): "the TAP is already attached (single-queue)",
     ("TUNSETIFF", errno.EPERM): "creating or attaching a TAP needs CAP_NET_ADMIN or its owner",
+    ("SIOCSIFMTU", errno.EINVAL): "outside the MTUs the interface takes (68 to 65535 for a TAP)",
+    ("SIOCSIFMTU", errno.EPERM): "setting an MTU needs CAP_NET_ADMIN",
 }
 
 
@@ -203,6 +209,29 @@ class Tap(Closing):
                 fcntl.ioctl(sock, SIOCSIFFLAGS, _ifreq(self.name, flags))
             except OSError as exc:
                 raise _fail(self.name, "link up" if up else "link down", exc) from exc
+
+    @property
+    def mtu(self) -> int:
+        """The interface's MTU (SIOCGIFMTU)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            req = bytearray(_IFREQ_INT.pack(bytes(_ifreq(self.name)[:_IFNAMSIZ]), 0))
+            try:
+                fcntl.ioctl(sock, SIOCGIFMTU, req, True)
+            except OSError as exc:
+                raise _fail(self.name, "SIOCGIFMTU", exc) from exc
+            mtu: int = _IFREQ_INT.unpack(req)[1]
+            return mtu
+
+    def set_mtu(self, mtu: int) -> None:
+        """Set the interface's MTU, as ``ip link set NAME mtu N`` does (SIOCSIFMTU)."""
+        if not 0 < mtu <= 0x7FFF_FFFF:
+            raise TapError(f"TAP {self.name}: MTU {mtu} is not a positive 32-bit number")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            req = _IFREQ_INT.pack(bytes(_ifreq(self.name)[:_IFNAMSIZ]), mtu)
+            try:
+                fcntl.ioctl(sock, SIOCSIFMTU, req)
+            except OSError as exc:
+                raise _fail(self.name, "SIOCSIFMTU", exc) from exc
 
     def is_up(self) -> bool:
         """Whether the interface has IFF_UP."""

@@ -23,6 +23,7 @@ __all__ = [
     "NetBackend",
     "SinkBackend",
     "TapBackend",
+    "apply_mtu",
     "interface_exists",
     "tun_offloads",
 ]
@@ -41,6 +42,29 @@ def interface_exists(name: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def apply_mtu(tap: Tap, mtu: int, owned: bool) -> None:
+    """Give the TAP the MTU the guest is offered: set on a TAP this process created (it is
+    ours), only compared on one it attached to (the host's), with a warning when it is lower."""
+    current = tap.mtu
+    if current == mtu:
+        return
+    if owned:
+        tap.set_mtu(mtu)
+        log.info("TAP %s: MTU %d", tap.name, mtu)
+    elif current < mtu:
+        log.warning(
+            "TAP %s has MTU %d, below the guest's %d: larger frames from the guest may be "
+            "dropped on the host (ip link set %s mtu %d)",
+            tap.name,
+            current,
+            mtu,
+            tap.name,
+            mtu,
+        )
+    else:
+        log.info("TAP %s keeps its MTU %d (the guest's is %d)", tap.name, current, mtu)
 
 
 def tun_offloads(features: int) -> int:
@@ -123,6 +147,9 @@ class NetBackend:
         """Send ``packet`` to the network (a RARP after migration); False where there is none."""
         return False
 
+    def set_mtu(self, mtu: int) -> None:
+        """The MTU the guest is offered changed (NET_SET_MTU); nothing where there is no link."""
+
     def close(self) -> None:
         """Release what the back end holds."""
 
@@ -148,22 +175,26 @@ class TapBackend(NetBackend):
     kind = "tap"
     features = OFFLOAD_FEATURES
 
-    def __init__(self, name: str, pairs: int = 1) -> None:
+    def __init__(self, name: str, pairs: int = 1, mtu: int | None = None) -> None:
         super().__init__(pairs)
         existed = interface_exists(name)
+        self.owned = not existed
+        """Whether this back end created the TAP (then its MTU and link state are ours to set)."""
         self.tap = Tap.open(name, queues=pairs)
         self._hdr_size = 12
         self._offloads = 0
         self._attached = [True] * pairs
-        if not existed:
-            try:
-                self.tap.set_up()
-            except BaseException:
-                self.tap.close()
-                raise
         log.info(
             "TAP %s %s, %d queue(s)", self.tap.name, "attached" if existed else "created", pairs
         )
+        try:
+            if mtu is not None:
+                apply_mtu(self.tap, mtu, self.owned)
+            if self.owned:
+                self.tap.set_up()
+        except BaseException:
+            self.tap.close()
+            raise
 
     @property
     def name(self) -> str:
@@ -213,6 +244,9 @@ class TapBackend(NetBackend):
     def announce(self, packet: bytes) -> bool:
         os.write(self.tap.fds[0], packet)
         return True
+
+    def set_mtu(self, mtu: int) -> None:
+        apply_mtu(self.tap, mtu, self.owned)
 
     def close(self) -> None:
         self.tap.close()

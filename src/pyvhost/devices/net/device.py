@@ -279,9 +279,11 @@ class NetDevice(Device):
             )
 
     def net_set_mtu(self, mtu: int) -> None:
-        """NET_SET_MTU: the MTU the config space shows the driver from now on."""
+        """NET_SET_MTU: the MTU the config space shows the driver from now on (and a TAP this
+        process created takes)."""
         self.config.mtu = check_mtu(mtu)
         log.info("net: MTU %d (NET_SET_MTU)", mtu)
+        self.backend.set_mtu(mtu)
 
     # -- what the control queue changes (CtrlTarget) ---------------------------------------------
 

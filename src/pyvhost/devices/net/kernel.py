@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
+from pyvhost.devices.net.backends import apply_mtu
 from pyvhost.devices.net.rarp import rarp_frame
 from pyvhost.errors import UnsupportedRequestError
 from pyvhost.kernel.devices import VHOST_NET_F_VIRTIO_NET_HDR, VhostNet
@@ -45,8 +46,12 @@ class KernelNetDevice(BackendDevice):
     num_queues = 2
     max_queue_size = 1024
 
-    def __init__(self, tap: Tap, vhost_path: str = "/dev/vhost-net") -> None:
+    def __init__(
+        self, tap: Tap, vhost_path: str = "/dev/vhost-net", *, owns_tap: bool = False
+    ) -> None:
         self.tap = tap
+        self.owns_tap = owns_tap
+        """Whether this process created the TAP: NET_SET_MTU then sets its MTU."""
         self.vhost_path = vhost_path
         with VhostNet(vhost_path) as probe:
             self.kernel_features = probe.get_features()
@@ -134,7 +139,9 @@ class KernelNetDevice(BackendDevice):
         self.rarps += 1
 
     def net_set_mtu(self, mtu: int) -> None:
-        log.info("front-end MTU %d (the TAP's MTU is the host's to set)", mtu)
+        """The front-end's MTU: a TAP this process created takes it; the host's is compared."""
+        log.info("front-end MTU %d", mtu)
+        apply_mtu(self.tap, mtu, self.owns_tap)
 
     def close(self) -> None:
         self.reset()
