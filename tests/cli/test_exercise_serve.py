@@ -142,9 +142,13 @@ def test_restart_of_serve_mid_run(peer_dir: Path, mode: str) -> None:
     check_image(image, result)
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_exercise_jobs_drive_each_queue_from_its_own_process(peer_dir: Path, mode: str) -> None:
-    """``exercise blk --jobs 2``: after negotiation each queue is driven by a process of its own;
+def test_exercise_jobs_drive_each_queue_from_its_own_process(
+    peer_dir: Path, mode: str, ring: str
+) -> None:
+    """``exercise blk --jobs 2``: after negotiation each queue is driven by a process of its own,
+    from where the negotiating session left its ring (a packed ring's position and wrap counter);
     the results are summed, and every block of the region holds a verified pattern on disk."""
     image = make_raw_image(peer_dir / "disk.img", IMAGE_SIZE)
     sock = peer_dir / "blk.sock"
@@ -153,11 +157,13 @@ def test_exercise_jobs_drive_each_queue_from_its_own_process(peer_dir: Path, mod
             sock,
             *("--seconds", "1", "--queues", "2", "--jobs", "2", "--queue-depth", "8"),
             *("--region", "2M"),
+            *(("--packed",) if ring == "packed" else ()),
         )
         out, err = proc.communicate(timeout=120)
     result = json.loads(out)
     assert proc.returncode == 0, err
     assert result["jobs"] == 2 and result["errors"] == 0 and result["fatal"] is None
+    assert result["packed"] is (ring == "packed")
     assert result["verified_blocks"] >= 512 and result["reads"] == result["writes"]
     assert result["cpu_seconds"] > 0
     data = image.read_bytes()

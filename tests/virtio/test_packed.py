@@ -192,6 +192,38 @@ def test_many_wraps_and_resume_from_base(rig: Rig) -> None:
     assert awrap == uwrap == (total // SIZE % 2 == 0)
 
 
+def test_a_second_driver_takes_over_the_ring_where_the_first_stopped(rig: Rig) -> None:
+    """``PackedDriver(start=drv.position)`` (exercise blk --jobs on packed rings): the ring is
+    not reset, and the device goes on across wraps with the same queue and its wrap counter."""
+    dev = rig.queue()
+    drivers = [rig.drv]
+    for round_ in range(30):
+        drv = drivers[-1]
+        if round_ in (5, 13, 22):  # odd descriptor counts: taken over at either wrap counter
+            drivers.append(
+                PackedDriver(
+                    rig.mem, SIZE, rig.desc, rig.driver_event, rig.device_event,
+                    start=drv.position,
+                )
+            )  # fmt: skip
+            drv = drivers[-1]
+        n = 1 + round_ % 2
+        rig.mem.write(DATA, bytes([round_]) * n)
+        buf = drv.add([(DATA + k, 1) for k in range(n)], [(DATA + 0x100, 1)])
+        drv.publish()
+        chain = dev.pop()
+        assert chain is not None and chain.head == buf, round_
+        assert chain.read_all() == bytes([round_]) * n
+        dev.push(buf, 1)
+        assert drv.get_used() == [(buf, 1)]
+    assert {d.position[1] for d in drivers} == {True, False}
+    assert drivers[-1].position == decode_packed_base(dev.get_base())[:2]
+    for drv in drivers[1:]:
+        drv.close()
+    with pytest.raises(ValueError, match="start position 8 is outside a ring of 8"):
+        PackedDriver(rig.mem, SIZE, rig.desc, rig.driver_event, rig.device_event, start=(8, True))
+
+
 def test_chain_crossing_the_end_of_the_ring(rig: Rig) -> None:
     dev = rig.queue()
     for _ in range(6):  # move both sides to position 6

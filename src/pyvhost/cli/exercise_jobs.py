@@ -4,14 +4,15 @@ One Python driver process tops out well below what a back-end with several queue
 cores serves, so with ``--jobs N`` the session that negotiated (and did the checks) hands its
 queues over: queue ``q`` goes to job ``q % N``, a fresh interpreter (``python -m
 pyvhost.cli.exercise_jobs``) given the guest memory's memfd, its queues' kick and call
-eventfds and, on stdin, a JSON description (ring layout and position, negotiated features, the
-config space, its slice of the buffer heap and of the disk region). Each job maps the memory
-itself, drives its rings with the same write / read-back / verify pipeline as a single-process
-run (its blocks numbered as in the whole region, so the image checks the same way), flushes,
-and prints its result as one JSON object; the parent sums them.
+eventfds and, on stdin, a JSON description (ring layout and position: split rings' index, packed
+rings' position and wrap counter; negotiated features, the config space, its slice of the buffer
+heap and of the disk region). Each job maps the memory itself, drives its rings with the same
+write / read-back / verify pipeline as a single-process run (its blocks numbered as in the whole
+region, so the image checks the same way), flushes, and prints its result as one JSON object;
+the parent sums them.
 
-Split rings only, and no reconnection: the connection stays in the parent, which keeps it open
-(idle) until the jobs are done.
+Split and packed rings; no reconnection: the connection stays in the parent, which keeps it
+open (idle) until the jobs are done.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from pyvhost.driver.session import _ALLOC_ALIGN, DriverSession, _Heap, _Queue
 from pyvhost.errors import ReplyError
 from pyvhost.virtio.memory import GuestMemory, RegionSpec
+from pyvhost.virtio.packed import PackedDriver, packed_layout
 from pyvhost.virtio.split import SplitDriver, split_layout
 
 __all__ = ["JobSession", "main", "run_jobs"]
@@ -65,17 +67,30 @@ class JobSession(DriverSession):
         self.queues = []
         for i, q in enumerate(spec["queues"]):
             queue = _Queue(i, queue_size, q["base_gpa"], q["kick"], q["call"])
-            desc, avail, used, _ = split_layout(queue_size, q["base_gpa"])
-            queue.driver = SplitDriver(
-                self.mem,
-                queue_size,
-                desc,
-                avail,
-                used,
-                event_idx=spec["event_idx"],
-                start_idx=q["start"],
-                queue_index=q["index"],
-            )
+            if spec["packed"]:
+                layout = packed_layout(queue_size, q["base_gpa"])
+                queue.driver = PackedDriver(
+                    self.mem,
+                    queue_size,
+                    layout.desc_gpa,
+                    layout.driver_event_gpa,
+                    layout.device_event_gpa,
+                    event_idx=spec["event_idx"],
+                    queue_index=q["index"],
+                    start=(q["start"][0], q["start"][1]),
+                )
+            else:
+                desc, avail, used, _ = split_layout(queue_size, q["base_gpa"])
+                queue.driver = SplitDriver(
+                    self.mem,
+                    queue_size,
+                    desc,
+                    avail,
+                    used,
+                    event_idx=spec["event_idx"],
+                    start_idx=q["start"],
+                    queue_index=q["index"],
+                )
             self.queues.append(queue)
             self._poll.register(q["call"], select.POLLIN)
 
@@ -128,8 +143,6 @@ def run_jobs(
 ) -> tuple[float, list[dict[str, Any]]]:
     """Hand ``session``'s queues over to ``jobs`` processes, run them, return the longest
     elapsed time and each job's result."""
-    if session.packed:
-        raise ValueError("--jobs: split rings only")
     if not 1 <= jobs <= session.num_queues:
         raise ValueError(f"--jobs {jobs}: must be between 1 and --queues ({session.num_queues})")
     if session.in_flight():
@@ -151,12 +164,18 @@ def run_jobs(
             fds = [region_mem.fd]
             queues = []
             for q in mine:
-                assert isinstance(q.driver, SplitDriver)
+                driver = q.driver
+                position: int | list[object]
+                if isinstance(driver, PackedDriver):
+                    position = list(driver.position)
+                else:
+                    assert isinstance(driver, SplitDriver)
+                    position = driver.avail_idx
                 queues.append(
                     {
                         "index": q.index,
                         "base_gpa": q.base_gpa,
-                        "start": q.driver.avail_idx,
+                        "start": position,
                         "kick": q.kick_fd,
                         "call": q.call_fd,
                     }
@@ -183,6 +202,7 @@ def run_jobs(
                 "heap": [start + j * chunk, start + (j + 1) * chunk],
                 "queue_size": session.queue_size,
                 "queues": queues,
+                "packed": session.packed,
                 "indirect": session.use_indirect,
                 "event_idx": session.event_idx,
                 "features": session.features,

@@ -35,8 +35,10 @@ __all__ = ["PackedDriver"]
 class PackedDriver:
     """Driver side of a packed ring: what a guest does, so back-ends can be exercised without a VM.
 
-    Initialises the ring and both event areas to zero like a freshly reset queue. The device side
-    is untrusted here too: a used descriptor naming a buffer not in flight raises VirtqueueError.
+    Initialises the ring and both event areas to zero like a freshly reset queue; with ``start``
+    (a position and wrap counter, :attr:`position` of a driver with nothing in flight) it takes
+    over a running ring there instead, its descriptors left as they are. The device side is
+    untrusted here too: a used descriptor naming a buffer not in flight raises VirtqueueError.
     """
 
     def __init__(
@@ -49,8 +51,11 @@ class PackedDriver:
         *,
         event_idx: bool = False,
         queue_index: int = 0,
+        start: tuple[int, bool] | None = None,
     ) -> None:
         check_size(size)
+        if start is not None and not 0 <= start[0] < size:
+            raise ValueError(f"start position {start[0]} is outside a ring of {size}")
         self.size = size
         self.event_idx = event_idx
         self.queue_index = queue_index
@@ -63,13 +68,13 @@ class PackedDriver:
         self._device_event32 = ring_view(mem, "device area", device_event_gpa, EVENT_SIZE, 4).cast(
             "I"
         )
-        self._ring[:] = bytes(DESC_SIZE * size)
         self._driver_event32[0] = 0
-        self._device_event32[0] = 0
-        self._next_avail = 0
-        self._avail_wrap = True
-        self._next_used = 0
-        self._used_wrap = True
+        if start is None:
+            self._ring[:] = bytes(DESC_SIZE * size)
+            self._device_event32[0] = 0
+            start = (0, True)
+        self._next_avail, self._avail_wrap = start
+        self._next_used, self._used_wrap = start
         self._free_ids = list(range(size - 1, -1, -1))
         self._id_count: dict[int, int] = {}
         self.num_free = size
@@ -93,6 +98,11 @@ class PackedDriver:
     def next_avail(self) -> int:
         """Ring position where the next added descriptor goes."""
         return self._next_avail
+
+    @property
+    def position(self) -> tuple[int, bool]:
+        """Where the next descriptor goes and the wrap counter there: a takeover's ``start``."""
+        return self._next_avail, self._avail_wrap
 
     @property
     def next_used(self) -> int:
