@@ -161,6 +161,21 @@ def test_send_rarp_and_net_set_mtu(caplog: pytest.LogCaptureFixture) -> None:
     assert "MTU 4000 (NET_SET_MTU)" in caplog.text
 
 
+@pytest.mark.parametrize("mtu", [20, 70000])
+def test_an_impossible_net_set_mtu_is_refused_and_serving_goes_on(mtu: int) -> None:
+    from pyvhost.errors import ReplyError
+
+    dev = NetDevice(LoopbackBackend(), mac=MAC, mtu=1500)
+    with served(dev) as sock, connect(sock) as session:
+        assert session.frontend.reply_ack
+        with pytest.raises(ReplyError):
+            session.frontend.net_set_mtu(mtu)
+        assert int.from_bytes(session.config(10, 2), "little") == 1500
+        net = NetDriver(session)
+        net.post_rx(4)
+        assert len(exchange(net, [frame(1, 100)])) == 1
+
+
 def test_received_bytes_are_dirty_logged() -> None:
     dev = NetDevice(LoopbackBackend(), mac=MAC)
     with served(dev) as sock, connect(sock) as session:
