@@ -242,3 +242,21 @@ def test_trace_reports_a_bad_listen_path(tmp: Path) -> None:
     proc = _run(pyvhost_cmd("trace", "--listen", str(tmp / "no" / "dir.sock"), "--connect", "b"))
     assert proc.returncode == 1
     assert "cannot listen" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["blk"], ["net"], ["vsock", "--uds-path", "/nonexistent/u"]],
+    ids=["blk", "net", "vsock"],
+)
+def test_exercise_connect_timeout_bounds_the_wait_for_the_socket(
+    tmp: Path, args: list[str]
+) -> None:
+    """``--connect-timeout S``: a back-end's socket that is not there is an error after S
+    seconds, not after the default 10."""
+    sock = tmp / "absent.sock"
+    tool, *rest = args
+    argv = ["exercise", tool, "--socket", str(sock), "--connect-timeout", "0.5", *rest]
+    proc = _run(pyvhost_cmd(*argv))
+    assert proc.returncode == 1
+    assert f"cannot connect to {sock} within 0.5s: last error ENOENT" in proc.stdout + proc.stderr

@@ -84,7 +84,10 @@ def test_bad_serve_input_is_one_line(peer_dir: Path, args: list[str], message: s
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--socket", "/nonexistent/net.sock", "--frames", "1"], "/nonexistent/net.sock"),
+        (
+            ["--socket", "/nonexistent/net.sock", "--frames", "1", "--connect-timeout", "0.3"],
+            "cannot connect to /nonexistent/net.sock within 0.3s",
+        ),
         (["--socket", "/tmp/x.sock", "--tap", "pvh-not-here"], "--tap pvh-not-here: no such"),
         (["--kernel", "/dev/null"], "--kernel needs --tap NAME"),
         (["--kernel", "/dev/null", "--tap", "t", "--tx-only"], "are for --socket"),

@@ -149,6 +149,8 @@ class ExerciseOptions:
     passes: int | None = None
     reconnect: float = 30.0
     io_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    """Seconds to wait for the back-end's socket at start (``--connect-timeout``)."""
     packed: bool = False
     indirect: bool = False
     poll_us: int = 0
@@ -426,6 +428,7 @@ def run_exercise(opts: ExerciseOptions, progress: IO[str] | None = None) -> Exer
             packed=opts.packed,
             indirect=opts.indirect,
             reconnect=opts.reconnect,
+            connect_timeout=opts.connect_timeout,
         )
         session.poll_us = opts.poll_us
         blk = BlkDriver(session)
@@ -580,6 +583,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--passes", type=int, default=None, help="stop after this many passes over the region"
     )
     blk.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the back-end's socket at start (0: one try; default 10)",
+    )
+    blk.add_argument(
         "--reconnect-timeout",
         type=float,
         default=30.0,
@@ -631,6 +641,7 @@ def run(args: argparse.Namespace) -> int:
         region=args.region,
         passes=args.passes,
         reconnect=args.reconnect_timeout,
+        connect_timeout=args.connect_timeout,
         packed=args.packed,
         indirect=args.indirect,
         jobs=args.jobs,

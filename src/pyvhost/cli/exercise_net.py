@@ -109,6 +109,8 @@ class NetExerciseOptions:
     seconds: float | None = None
     tx_only: bool = False
     packed: bool = False
+    connect_timeout: float = 10.0
+    """Socket mode: seconds to wait for the back-end's socket at start."""
 
 
 @dataclass
@@ -434,6 +436,13 @@ def add_parser(devices: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     net.add_argument("--packed", action="store_true", help="socket: use packed rings")
     net.add_argument("--timeout", type=float, default=30.0, help="seconds per direction")
+    net.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the back-end's socket at start (0: one try; default 10)",
+    )
     net.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -454,6 +463,7 @@ def run(args: argparse.Namespace) -> NetExerciseResult:
         seconds=args.seconds,
         tx_only=args.tx_only,
         packed=args.packed,
+        connect_timeout=args.connect_timeout,
     )
     return run_net(opts)
 

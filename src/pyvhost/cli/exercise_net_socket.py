@@ -69,6 +69,7 @@ def run_socket(opts: NetExerciseOptions) -> NetExerciseResult:
             features_mask=_mask(opts),
             mem_size=mem,
             packed=opts.packed,
+            connect_timeout=opts.connect_timeout,
         )
         stack.callback(session.close)
         result.features = session.features

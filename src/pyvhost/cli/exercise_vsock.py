@@ -61,6 +61,8 @@ class VsockExerciseOptions:
     buf_alloc: int = 64 * 1024
     socket: str | None = None
     uds_path: str | None = None
+    connect_timeout: float = 10.0
+    """Socket mode: seconds to wait for the back-end's socket at start."""
 
 
 @dataclass
@@ -241,6 +243,7 @@ def _run_user(opts: VsockExerciseOptions) -> VsockExerciseResult:
             queue_size=128,
             features_mask=_NO_SEQPACKET,
             mem_size=32 << 20,
+            connect_timeout=opts.connect_timeout,
         )
         stack.callback(session.close)
         guest_cid = VsockConfig.decode(session.config(0, VsockConfig.SIZE)).guest_cid
@@ -283,6 +286,13 @@ def add_parser(devices: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--pause", action="store_true", help="SET_RUNNING 0 then 1 halfway: nothing may be lost"
     )
     vsock.add_argument("--timeout", type=float, default=60.0, help="seconds for the transfer")
+    vsock.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the back-end's socket at start (0: one try; default 10)",
+    )
     vsock.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -297,6 +307,7 @@ def run(args: argparse.Namespace) -> VsockExerciseResult:
             timeout=args.timeout,
             socket=args.socket,
             uds_path=args.uds_path,
+            connect_timeout=args.connect_timeout,
         )
     )
 
