@@ -65,11 +65,13 @@ class TapError(VhostError):
     """A TAP operation failed: the message names the interface, the operation and the errno."""
 
 
-def _ifreq(name: str, flags: int = 0) -> bytearray:
+def _ifreq(name: str, value: int = 0, layout: struct.Struct = _IFREQ) -> bytearray:
+    """A struct ifreq for interface ``name`` (checked) with ``value`` in its union as
+    ``layout`` says: the short flags (:data:`_IFREQ`) or the int MTU (:data:`_IFREQ_INT`)."""
     raw = name.encode("ascii")
     if not raw or len(raw) >= _IFNAMSIZ or b"/" in raw or b" " in raw:
         raise TapError(f"interface name {name!r} must be 1 to {_IFNAMSIZ - 1} characters, no '/'")
-    return bytearray(_IFREQ.pack(raw, flags))
+    return bytearray(layout.pack(raw, value))
 
 
 _MEANINGS = {
@@ -198,50 +200,39 @@ class Tap(Closing):
         """TUNSETPERSIST: keep the interface after its fds are closed."""
         self._each(TUNSETPERSIST, int(persist), "TUNSETPERSIST", by_pointer=False)
 
+    def _link_ioctl(self, request: int, req: bytearray, what: str) -> bytearray:
+        """A socket ioctl on the interface with the ifreq ``req`` (filled in); ``req``."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                fcntl.ioctl(sock, request, req, True)
+            except OSError as exc:
+                raise _fail(self.name, what, exc) from exc
+        return req
+
     def set_up(self, up: bool = True) -> None:
         """Bring the link up (or down), as ``ip link set NAME up`` does."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            req = _ifreq(self.name)
-            try:
-                fcntl.ioctl(sock, SIOCGIFFLAGS, req, True)
-                flags = _IFREQ.unpack(req)[1]
-                flags = flags | IFF_UP if up else flags & ~IFF_UP
-                fcntl.ioctl(sock, SIOCSIFFLAGS, _ifreq(self.name, flags))
-            except OSError as exc:
-                raise _fail(self.name, "link up" if up else "link down", exc) from exc
+        what = "link up" if up else "link down"
+        flags = _IFREQ.unpack(self._link_ioctl(SIOCGIFFLAGS, _ifreq(self.name), what))[1]
+        flags = flags | IFF_UP if up else flags & ~IFF_UP
+        self._link_ioctl(SIOCSIFFLAGS, _ifreq(self.name, flags), what)
 
     @property
     def mtu(self) -> int:
         """The interface's MTU (SIOCGIFMTU)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            req = bytearray(_IFREQ_INT.pack(bytes(_ifreq(self.name)[:_IFNAMSIZ]), 0))
-            try:
-                fcntl.ioctl(sock, SIOCGIFMTU, req, True)
-            except OSError as exc:
-                raise _fail(self.name, "SIOCGIFMTU", exc) from exc
-            mtu: int = _IFREQ_INT.unpack(req)[1]
-            return mtu
+        req = _ifreq(self.name, 0, _IFREQ_INT)
+        mtu: int = _IFREQ_INT.unpack(self._link_ioctl(SIOCGIFMTU, req, "SIOCGIFMTU"))[1]
+        return mtu
 
     def set_mtu(self, mtu: int) -> None:
         """Set the interface's MTU, as ``ip link set NAME mtu N`` does (SIOCSIFMTU)."""
         if not 0 < mtu <= 0x7FFF_FFFF:
             raise TapError(f"TAP {self.name}: MTU {mtu} is not a positive 32-bit number")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            req = _IFREQ_INT.pack(bytes(_ifreq(self.name)[:_IFNAMSIZ]), mtu)
-            try:
-                fcntl.ioctl(sock, SIOCSIFMTU, req)
-            except OSError as exc:
-                raise _fail(self.name, "SIOCSIFMTU", exc) from exc
+        self._link_ioctl(SIOCSIFMTU, _ifreq(self.name, mtu, _IFREQ_INT), "SIOCSIFMTU")
 
     def is_up(self) -> bool:
         """Whether the interface has IFF_UP."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            req = _ifreq(self.name)
-            try:
-                fcntl.ioctl(sock, SIOCGIFFLAGS, req, True)
-            except OSError as exc:
-                raise _fail(self.name, "SIOCGIFFLAGS", exc) from exc
-            return bool(_IFREQ.unpack(req)[1] & IFF_UP)
+        req = self._link_ioctl(SIOCGIFFLAGS, _ifreq(self.name), "SIOCGIFFLAGS")
+        return bool(_IFREQ.unpack(req)[1] & IFF_UP)
 
 
 def offload_flags(
