@@ -2,9 +2,10 @@
 net`` (``vectors=0``: QEMU 7.2 crashes with MSI-X here, see GUEST.md).
 
 - TAP: the back-end and a peer run in a network namespace of their own (``unshare -n``); the
-  guest pings the TAP's IPv6 link-local address and the peer pings the guest's, so neighbour
-  discovery and echoes cross the device both ways; one and two queue pairs (with two, the
-  guest's ping runs on CPU 1 and pair 1 carries its echoes both ways), split and packed.
+  guest pings the TAP's IPv6 link-local address (small, full 1500-byte and fragmented 20000-byte
+  echoes) and the peer pings the guest's, so neighbour discovery and echoes cross the device both
+  ways; one and two queue pairs (with two, the guest's ping runs on CPU 1 and pair 1 carries its
+  echoes both ways), split and packed.
 - loopback: the guest pings the all-nodes group on eth0; each echo request comes back through
   the device, so the guest's stack takes every one twice (its own multicast loop, and the wire):
   ICMPv6 InEchos is twice OutEchos, and eth0 received exactly the frames it sent.
@@ -113,6 +114,8 @@ def test_guest_and_host_ping_through_a_tap(
         script = (
             UP
             + f"""{pin}ping -6 -c 3 -w 20 {HOST_LL}%eth0
+{pin}ping -6 -c 2 -s 1452 -w 20 {HOST_LL}%eth0
+{pin}ping -6 -c 2 -s 20000 -w 20 {HOST_LL}%eth0
 i=0
 until awk '$1 == "Icmp6InEchos" && $2 >= 3 {{ok = 1}} END {{exit !ok}}' /proc/net/snmp6; do
     i=$((i + 1)); [ $i -lt 150 ] || exit 4
@@ -126,6 +129,9 @@ sleep 1
         host.stop()
     out = result.output
     assert "3 packets transmitted, 3 packets received" in out, out
+    # Full 1500-byte frames, then 20000-byte echoes in 14 fragments each way, reassembled.
+    assert "1460 bytes from" in out and "20008 bytes from" in out, out
+    assert out.count("2 packets transmitted, 2 packets received") == 2, out
     values = _values(out)
     assert int(values["queues"]) == queues
     assert int(values["Icmp6InEchos"]) >= 3 and int(values["Icmp6OutEchoReplies"]) >= 3
